@@ -1,0 +1,63 @@
+"""`ID3Callback`: holds the engine and wires it to the Trainer's lifecycle (start, log, save)."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from transformers import TrainerCallback
+
+from .config import ID3Config
+from .engine import ID3Engine
+
+logger = logging.getLogger("id3_callback")
+
+
+class ID3Callback(TrainerCallback):
+    """Selective fine-tuning state for a Trainer run. Use it with `ID3Trainer` (which does the per-step work).
+
+    Example:
+        >>> callback = ID3Callback(ID3Config(budget=100_000))
+        >>> trainer = ID3Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ID3Config | None = None, **overrides) -> None:
+        if config is None:
+            config = ID3Config(**overrides)
+        elif overrides:
+            raise TypeError("pass either an ID3Config or keyword overrides, not both")
+        self.config = config
+        self.engine: ID3Engine | None = None
+
+    def attach(self, model: nn.Module, seed: int | None = None) -> ID3Engine:
+        """Build the engine for `model` (called by `ID3Trainer.__init__`)."""
+        self.engine = ID3Engine(model, self.config, seed=seed)
+        return self.engine
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.engine is None:
+            raise RuntimeError(
+                "ID3Callback was added to a plain Trainer: masking must happen between backward and the optimizer "
+                "step, which only ID3Trainer (or ID3Seq2SeqTrainer) does. Replace Trainer with ID3Trainer."
+            )
+        if not state.max_steps or state.max_steps < 1:
+            raise ValueError(
+                "ID3 needs the number of optimizer steps to schedule the budget, and the Trainer could not tell it. "
+                "Set TrainingArguments.max_steps (required for datasets without a length)."
+            )
+        self.engine.start(state.max_steps)
+        if state.is_world_process_zero:
+            summary = self.engine.summary()
+            logger.info(summary)
+            print(summary, flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None and state.is_world_process_zero:
+            e = self.engine
+            logger.info(
+                "ID3 done: %s entries unmasked (budget %s), %s parameter updates (%.3f of a static mask's)",
+                f"{len(e.unmasked):,}",
+                f"{e.budget:,}",
+                f"{e.updates_total:,}",
+                e.updates_total / max(e.steps_done * (e.budget + e.dense_entries), 1),
+            )

@@ -1,0 +1,141 @@
+"""`ID3Config`: every knob of selective fine-tuning, in one `HfArgumentParser`-friendly dataclass."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ID3Config:
+    """What to fine-tune and how to choose it.
+
+    Field names avoid clashes with `TrainingArguments`, so both parse together::
+
+        parser = HfArgumentParser((ID3Config, TrainingArguments))
+        id3_config, training_args = parser.parse_args_into_dataclasses()
+
+    Example:
+        >>> ID3Config(budget=0.0017, exp=1.0).resolve_budget(22_713_216)
+        38612
+    """
+
+    budget: float = field(
+        default=0.0017,
+        metadata={
+            "help": "How many weight entries to fine-tune: an integer count (>= 1), or a float in (0, 1) read as "
+            "a fraction of the selectable entries. The paper uses 103K and 320K on DeBERTa-v3-base."
+        },
+    )
+    eps: float = field(
+        default=1e-3, metadata={"help": "epsilon of the D3 score |g| / (|theta| + eps)^exp; keeps it finite."}
+    )
+    exp: float = field(
+        default=1.0,
+        metadata={"help": "Exponent of the D3 score's magnitude term; 0 scores by gradient magnitude alone."},
+    )
+    scheduler: str = field(
+        default="uniform",
+        metadata={
+            "help": "How many entries join the unmasked set per step: 'uniform' (the paper: B/T per step, the "
+            "remainder one each over the first steps), 'linear' or 'exponential' (front-loaded)."
+        },
+    )
+    method: str = field(
+        default="id3",
+        metadata={"help": "Selection method; see `id3_callback.methods.available_methods()`."},
+    )
+    include: str | None = field(
+        default=None,
+        metadata={
+            "help": "Regex on parameter names (re.search): only matching trainable parameters are selectable. "
+            "Default: every trainable parameter."
+        },
+    )
+    exclude: str | None = field(
+        default=None,
+        metadata={"help": "Regex on parameter names (re.search): matching parameters are never selected."},
+    )
+    dense: str | None = field(
+        default=None,
+        metadata={
+            "help": "Regex on parameter names trained fully, e.g. a new classifier head ('classifier|score'). "
+            "Dense entries are not selectable; see `dense_in_budget`."
+        },
+    )
+    dense_in_budget: bool = field(
+        default=False,
+        metadata={
+            "help": "Count dense entries against the budget (the selectable budget shrinks by their number). "
+            "Default: dense entries are trained outside the budget and reported separately."
+        },
+    )
+    mask_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed for random masks; defaults to TrainingArguments.seed (or 0 outside the Trainer)."
+        },
+    )
+    optimizer: str = field(
+        default="sparse_adamw",
+        metadata={
+            "help": "'sparse_adamw': AdamW whose state lives only on unmasked entries, with per-entry bias "
+            "correction (the default). 'trainer': whatever TrainingArguments.optim builds; weight decay is "
+            "then applied to unmasked entries only."
+        },
+    )
+    fisher_samples: int = field(
+        default=1024, metadata={"help": "Training samples used to estimate the Fisher information ('fish')."}
+    )
+    low_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "Score each gradient as soon as backward completes it and free it at once, so dense "
+            "gradients never coexist. Needs gradient_accumulation_steps=1 and no global-norm clipping; "
+            "otherwise falls back to the standard mode with a warning."
+        },
+    )
+    consistency_check_steps: int = field(
+        default=100,
+        metadata={
+            "help": "Under DDP, compare a hash of the unmasked set across ranks every N steps (0: never)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.budget is None or not math.isfinite(float(self.budget)) or self.budget <= 0:
+            raise ValueError(
+                f"budget must be > 0 (got {self.budget}): pass a count such as budget=100000 or a fraction such "
+                "as budget=0.0017."
+            )
+        if self.budget >= 1 and float(self.budget) != int(self.budget):
+            raise ValueError(
+                f"budget {self.budget} is neither a count nor a fraction: use an integer >= 1 or a float in (0, 1)."
+            )
+        if self.eps < 0 or self.exp < 0:
+            raise ValueError(f"eps and exp must be >= 0 (got eps={self.eps}, exp={self.exp}).")
+        if self.exp > 0 and self.eps == 0:
+            raise ValueError("eps=0 with exp>0 divides by zero for zero weights: use eps > 0 (default 1e-3).")
+        if self.optimizer not in ("sparse_adamw", "trainer"):
+            raise ValueError(f"optimizer must be 'sparse_adamw' or 'trainer' (got {self.optimizer!r}).")
+        if self.fisher_samples < 1:
+            raise ValueError(f"fisher_samples must be >= 1 (got {self.fisher_samples}).")
+
+    def resolve_budget(self, selectable: int) -> int:
+        """The budget as a count of entries, clamped to `selectable` (with a warning)."""
+        if self.budget < 1:
+            count = max(1, round(self.budget * selectable))
+        else:
+            count = int(self.budget)
+        if count > selectable:
+            warnings.warn(
+                f"budget {count:,} exceeds the {selectable:,} selectable entries: all of them will be unmasked. "
+                "Lower `budget` or widen `include` to make the budget bind.",
+                stacklevel=2,
+            )
+            count = selectable
+        return count
+
+    def to_dict(self) -> dict:
+        return asdict(self)

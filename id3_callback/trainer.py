@@ -1,0 +1,108 @@
+"""`ID3Trainer`: the Trainer with one extra stage between backward and the optimizer step.
+
+On the last micro-batch of each accumulation window, after backward, the engine scores the accumulated
+gradients, grows the unmasked set, and zeroes masked gradients, before clipping and the optimizer step.
+The overrides live in a mixin so `Seq2SeqTrainer` (or any Trainer subclass) gets them without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .callback import ID3Callback
+from .engine import ID3Engine
+from .optim import SparseAdamW, guard_weight_decay
+
+
+class ID3TrainerMixin:
+    """Adds ID3 to a `Trainer` subclass. Requires an `ID3Callback` among `callbacks`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ID3Callback)]
+        if len(callbacks) != 1:
+            raise ValueError(
+                f"ID3Trainer needs exactly one ID3Callback in `callbacks` (found {len(callbacks)}): "
+                "pass callbacks=[ID3Callback(ID3Config(...))]."
+            )
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "ID3 does not support DeepSpeed: ZeRO partitions gradients and optimizer state, so no rank sees "
+                "the whole gradient to score. Use DDP (torchrun / accelerate launch) or FSDP with "
+                "use_orig_params=True instead."
+            )
+        self.id3 = callbacks[0]
+        self.id3.attach(self.model, seed=self.args.seed)
+
+    @property
+    def engine(self) -> ID3Engine:
+        return self.id3.engine
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.engine.config.optimizer == "sparse_adamw":
+            decay = set(self.get_decay_parameter_names(self.model))
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            params = self.engine.parameters()
+            groups = [
+                {
+                    "params": [p for p in params if names[id(p)] in decay],
+                    "weight_decay": self.args.weight_decay,
+                },
+                {"params": [p for p in params if names[id(p)] not in decay], "weight_decay": 0.0},
+            ]
+            self.optimizer = SparseAdamW(
+                [g for g in groups if g["params"]],
+                self.engine.unmasked,
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+            return self.optimizer
+        optimizer = super().create_optimizer(model)
+        guard_weight_decay(optimizer, self.engine.unmasked)
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                self.engine.step(grad_scale=float(scaler.get_scale()), check_overflow=True)
+            else:
+                self.engine.step()
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self.engine.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.engine.load(checkpoint)
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self.engine.steps_done:
+            logs.update(self.engine.log_metrics())
+        super().log(logs, start_time)
+
+
+class ID3Trainer(ID3TrainerMixin, Trainer):
+    """`transformers.Trainer` with ID3 selective fine-tuning.
+
+    Example:
+        >>> trainer = ID3Trainer(model=model, args=args, train_dataset=ds,
+        ...                      callbacks=[ID3Callback(ID3Config(budget=0.0017))])  # doctest: +SKIP
+        >>> trainer.train()                                                            # doctest: +SKIP
+    """
+
+
+class ID3Seq2SeqTrainer(ID3TrainerMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` with ID3 selective fine-tuning (same arguments as `ID3Trainer`)."""
