@@ -54,7 +54,10 @@ def _order(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class StreamingTopK:
-    """Feed score chunks in order, then read the k best (value, global index) pairs.
+    """Feed score chunks (in any order, at their global offsets), then read the k best (value, index) pairs.
+
+    Once k entries are held, a chunk whose maximum is below the k-th best value is skipped after one read,
+    and only entries >= that value are extracted from the others: most chunks cost a max, not a top-k.
 
     Example:
         >>> top = StreamingTopK(2)
@@ -69,32 +72,96 @@ class StreamingTopK:
         self.offset = 0
         self.values = torch.empty(0)
         self.index = torch.empty(0, dtype=torch.long)
+        self.payload: torch.Tensor | None = None
 
-    def push(self, scores: torch.Tensor) -> None:
-        """Consider the next `scores.numel()` entries (any shape; flattened)."""
+    @property
+    def full(self) -> bool:
+        """True once k entries are held (from then on the k-th best value filters new chunks)."""
+        return self.k > 0 and self.values.numel() >= self.k
+
+    def push(
+        self,
+        scores: torch.Tensor,
+        offset: int | None = None,
+        index: torch.Tensor | None = None,
+        payload: torch.Tensor | None = None,
+    ) -> None:
+        """Consider `scores.numel()` more entries (any shape; flattened; NaN-free, -inf = ineligible).
+
+        Where they sit in the global order: by default right after the previous default push (then
+        `self.offset` advances); `offset` places them at [offset, offset + n) instead, and `index` gives
+        each one's global index explicitly (ascending). Either way the result is the same as pushing all
+        entries in global order, so tensors may arrive in any order (e.g. as backward completes them).
+        `payload` (same size) is carried along with the kept entries; see `result_payload`.
+        """
         flat = scores.reshape(-1)
+        n = flat.numel()
+        base = self.offset if offset is None else offset
+        if index is not None:
+            index = index.reshape(-1)
+        if payload is not None:
+            payload = payload.reshape(-1)
         if self.k > 0:
-            for start in range(0, flat.numel(), CHUNK):
+            for start in range(0, n, CHUNK):
                 part = flat[start : start + CHUNK]
-                vals, idx = _chunk_topk(part, self.k)
-                self._merge(vals, idx + (self.offset + start))
-        self.offset += flat.numel()
+                found = self._candidates(part)
+                if found is None:
+                    continue
+                vals, idx = found
+                where = idx + (base + start) if index is None else index[start : start + CHUNK][idx]
+                extra = None if payload is None else payload[start : start + CHUNK][idx]
+                self._merge(vals, where, extra)
+        if offset is None and index is None:
+            self.offset += n
+
+    def _candidates(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, chunk-local indices) of `part`'s entries that could enter the top-k; None if none can."""
+        if not self.full:
+            return _chunk_topk(part, self.k)
+        kth = self.values[-1]
+        # Ties with the k-th value still matter (a lower global index wins), hence >= rather than >.
+        if not bool(part.max() >= kth):
+            return None
+        idx = (part >= kth).nonzero().view(-1)
+        vals = part[idx]
+        if idx.numel() > self.k:  # many ties: only the k lowest-index ones can matter
+            vals, pick = _chunk_topk(vals, self.k)
+            idx = idx[pick]
+        return vals, idx
+
+    def push_candidates(
+        self, values: torch.Tensor, index: torch.Tensor, payload: torch.Tensor | None = None
+    ) -> None:
+        """Offer entries by explicit global index, in any order (ineligible ones must be -inf)."""
+        if self.k <= 0 or values.numel() == 0:
+            return
+        keep = values > INELIGIBLE
+        self._merge(values[keep], index[keep], None if payload is None else payload[keep])
 
     def threshold(self) -> float:
         """A score that a new entry must beat to matter (-inf while fewer than k are held)."""
         return self.values[-1].item() if self.values.numel() >= self.k else INELIGIBLE
 
-    def _merge(self, vals: torch.Tensor, idx: torch.Tensor) -> None:
+    def _merge(self, vals: torch.Tensor, idx: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         if vals.numel() == 0:
             return
         vals = torch.cat([self.values.to(vals.device, vals.dtype), vals])
         idx = torch.cat([self.index.to(idx.device), idx])
         order = _order(vals, idx)[: self.k]
+        if extra is not None:
+            held = self.payload if self.payload is not None else extra[:0]
+            self.payload = torch.cat([held.to(extra.device, extra.dtype), extra])[order]
+        elif self.payload is not None:
+            raise ValueError("every push into a StreamingTopK holding payloads must carry a payload too")
         self.values, self.index = vals[order], idx[order]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, global indices), best first."""
         return self.values, self.index
+
+    def result_payload(self) -> torch.Tensor | None:
+        """The payload entries of `result()`, in the same order (None if no push carried one)."""
+        return self.payload
 
 
 def global_topk(score_chunks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -107,7 +174,7 @@ def global_topk(score_chunks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     top = StreamingTopK(k)
     sizes = []
     for scores in score_chunks:
-        clean = torch.nan_to_num(scores.reshape(-1).float(), nan=INELIGIBLE, posinf=INELIGIBLE)
+        clean = torch.nan_to_num(scores.reshape(-1).float(), nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE)
         top.push(clean)
         sizes.append(clean.numel())
     return split_by_tensor(top.result()[1], sizes)

@@ -17,8 +17,9 @@ torch.set_num_threads(2)
 class MLP(nn.Module):
     """A small classifier that speaks the Trainer's dict-in, loss-out protocol."""
 
-    def __init__(self, d_in: int = 8, hidden: int = 16, classes: int = 3) -> None:
+    def __init__(self, d_in: int = 8, hidden: int = 16, classes: int = 3, seed: int = 0) -> None:
         super().__init__()
+        torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
 
     def forward(self, x, labels=None):

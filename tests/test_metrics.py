@@ -154,7 +154,8 @@ def test_metrics_load_offline_with_fresh_hf_home(tmp_path: Path) -> None:
         "import evaluate\n"
         "from id3_callback.metrics import metric_path\n"
         "print(evaluate.load(metric_path('glue'), 'sst2').compute(predictions=[1, 0], references=[1, 1]))\n"
-        "print(evaluate.load(metric_path('rouge')).compute(predictions=['a b'], references=['a b'])['rouge1'])\n"
+        "rouge = evaluate.load(metric_path('rouge'))\n"
+        "print(rouge.compute(predictions=['a b'], references=['a b'])['rouge1'])\n"
         "print(evaluate.load(metric_path('gsm8k')).compute(predictions=['#### 3'], references=['#### 3']))\n"
     )
     env = {
