@@ -161,7 +161,7 @@ def test_unmasked_set_grows_to_exactly_the_budget(budget, steps):
     assert sizes == sorted(sizes) and max(sizes) <= expected  # only grows, never past B
     assert sizes[steps - 1] == expected and sizes[-1] == expected
     assert sizes == [engine.schedule.target(t + 1) for t in range(steps + 2)]
-    for name, idx in engine.unmasked.indices.items():  # no duplicates
+    for idx in engine.unmasked.indices.values():  # no duplicates
         assert idx.unique().numel() == idx.numel()
 
 
