@@ -74,9 +74,12 @@ def test_indices_stored_as_int32(trained):
     assert dtypes == {"I32"}
 
 
-def test_no_temp_files_left_behind(trained):
-    _, _, tmp = trained
+def test_no_temp_files_left_behind_and_normal_permissions(trained):
+    _, path, tmp = trained
     assert not [f for f in os.listdir(tmp) if f.startswith(".tmp-")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
 
 
 def rewrite(path, out, mutate_tensors=None, mutate_meta=None, fix_payload=True):
