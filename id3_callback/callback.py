@@ -8,6 +8,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .config import ID3Config
+from .distributed import check_consistency
 from .engine import ID3Engine
 
 logger = logging.getLogger("id3_callback")
@@ -46,12 +47,20 @@ class ID3Callback(TrainerCallback):
                 "Set TrainingArguments.max_steps (required for datasets without a length)."
             )
         self.engine.start(state.max_steps)
+        check_consistency(self.engine, "train begin (after static masks are chosen)")  # DDP only
         if state.is_world_process_zero:
             summary = self.engine.summary()
             logger.info(summary)
             print(summary, flush=True)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.config.consistency_check_steps
+        if every and self.engine is not None and state.global_step % every == 0:
+            check_consistency(self.engine, f"step {state.global_step}")  # no-op in a single process
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            check_consistency(self.engine, "the end of training")
         if self.engine is not None and state.is_world_process_zero:
             e = self.engine
             logger.info(

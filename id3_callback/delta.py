@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .io import atomic_write
 
 FORMAT = "id3-delta/1"
 
@@ -55,15 +56,32 @@ def save_delta(source: Any, path: str | os.PathLike, base_model: str | None = No
 
     Example:
         >>> save_delta(trainer, "outputs/sst2.delta.safetensors")  # doctest: +SKIP
+
+    Under DDP this is a collective, like `trainer.save_model`: call it on every rank. The ranks compare
+    their states (`check_consistency`), rank 0 writes, and all return once the file is complete.
     """
-    from safetensors.torch import save_file
+    from .distributed import barrier, check_consistency, is_main_process
 
     engine = _engine_of(source)
+    check_consistency(engine, f"save_delta({os.fspath(path)!r})")
+    if is_main_process():
+        _write_delta(engine, path, base_model)
+    barrier()
+    return os.fspath(path)
+
+
+def _write_delta(engine, path: str | os.PathLike, base_model: str | None) -> str:
+    from safetensors.torch import save_file
+
     unmasked = engine.unmasked
     tensors: dict[str, torch.Tensor] = {}
     base_sha: dict[str, str] = {}
     for name, p in unmasked.params.items():
-        idx, base = unmasked.sorted_indices(name)
+        if name in unmasked.full:  # unmasked whole (method 'full'): stored like a dense tensor
+            tensors[f"{name}::dense"] = p.detach().cpu().contiguous()
+            base_sha[name] = unmasked.full[name]
+            continue
+        idx, base = unmasked.trained_indices(name)  # every entry ever unmasked (repeat-S swaps sets)
         if idx.numel() == 0:
             continue
         index_dtype = torch.int32 if p.numel() <= torch.iinfo(torch.int32).max else torch.int64
@@ -92,18 +110,7 @@ def save_delta(source: Any, path: str | os.PathLike, base_model: str | None = No
         "base_sha256": json.dumps(base_sha, sort_keys=True),
         "payload_sha256": payload.hexdigest(),
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 @dataclass

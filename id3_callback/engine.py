@@ -11,22 +11,41 @@ for batch in loader:
 
 from __future__ import annotations
 
+import math
 import os
 import re
-import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .config import ID3Config
+from .io import atomic_write
 from .masks import UnmaskedSet
 from .schedulers import Schedule
-from .selection import CHUNK, INELIGIBLE, StreamingTopK
+from .selection import StreamingTopK, TensorScorer, nonzero_rows, split_by_tensor
 
 STATE_FILE = "id3_state.pt"
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Embedding weights at least this large get the row-sparse D3 path (smaller ones are cheap to score whole).
+ROW_SPARSE_MIN_ENTRIES = 1 << 16
+# Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
+SMALL_TENSOR = 1 << 14
+
+
+@dataclass
+class _LowMemoryPass:
+    """One backward's worth of low-memory scoring: the running top-k (candidates carry their gradient)."""
+
+    k: int
+    top: StreamingTopK
+    scorer: TensorScorer
+    pending: list = field(default_factory=list)  # (name, offset, rows) of row-sparse tensors
+    small: list = field(default_factory=list)  # (name, grad) of small tensors, scored together at the end
+    seen: set = field(default_factory=set)
 
 
 def _match(pattern: str | None, name: str) -> bool:
@@ -106,16 +125,45 @@ class ID3Engine:
         self.skipped_steps = 0
         self._log = {"selection_s": 0.0, "steps": 0, "new": 0}
         self.last_stats: dict = {}
+        self.last_selected_scores: torch.Tensor | None = None  # scores of the entries the last select_top chose
         # Of the step in progress: the fp16 loss scale, and whether an overflow must cancel the growth.
         self.current_grad_scale, self.current_check_overflow = 1.0, False
+        # Training data for methods that look at it before training ('fish'): a zero-argument callable returning
+        # an iterable of (loss with graph, samples in the batch). ID3Trainer sets it; see `start`.
+        self.fisher_batches: Callable[[], Iterable[tuple[torch.Tensor, int]]] | None = None
+        # Speed: global offset of each selectable tensor; its sorted unmasked indices (cached per index tensor);
+        # embedding weights whose gradient rows are checked for sparsity (dropped once one comes out dense).
+        self._offsets: dict[str, int] = {}
+        running = 0
+        for name, p in selectable.items():
+            self._offsets[name], running = running, running + p.numel()
+        self._sorted_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Each tensor's best score at the last step: scoring the likely winners first raises the top-k's
+        # threshold early, so later chunks are dropped after one max (the result does not depend on order).
+        self._peaks: dict[str, float] = {}
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        self._row_sparse = {
+            n for n, p in selectable.items() if id(p) in embeddings and p.numel() >= ROW_SPARSE_MIN_ENTRIES
+        }
+        # Low-memory mode (see `configure_low_memory`): gradient hooks, and the backward being scored.
+        self.low_memory = bool(self.config.low_memory)
+        self._hooks: list = []
+        self._pass: _LowMemoryPass | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter the optimizer should see: selectable ones, then dense ones."""
         return [*self.unmasked.params.values(), *self.unmasked.dense.values()]
 
-    def start(self, total_steps: int) -> None:
-        """Fix the schedule for `total_steps` optimizer steps; static methods choose their mask here."""
+    def start(
+        self, total_steps: int, fisher_batches: Callable[[], Iterable[tuple[torch.Tensor, int]]] | None = None
+    ) -> None:
+        """Fix the schedule for `total_steps` optimizer steps; static methods choose their mask here.
+
+        `fisher_batches` (outside the Trainer) feeds methods that need data before training, e.g. 'fish'.
+        """
+        if fisher_batches is not None:
+            self.fisher_batches = fisher_batches
         if total_steps is None or total_steps < 1:
             raise ValueError(
                 f"ID3 needs the number of optimizer steps T to spread the budget (got {total_steps}). "
@@ -124,6 +172,8 @@ class ID3Engine:
         self.schedule = Schedule(self.config.scheduler, self.budget, total_steps)
         if self.steps_done == 0 and len(self.unmasked) == 0:
             self.method.on_start()
+        if self.configure_low_memory():
+            self._install_hooks()
 
     def summary(self) -> str:
         pct = 100.0 * self.budget / max(self.selectable, 1)
@@ -137,6 +187,8 @@ class ID3Engine:
         lines.append(
             f"  score: |g| / (|theta| + {self.config.eps:g})^{self.config.exp:g}; optimizer: {self.config.optimizer}"
         )
+        if self.method.describe():
+            lines.append(f"  method: {self.method.describe()}")
         if self.unmasked.dense:
             where = "inside" if self.config.dense_in_budget else "outside"
             lines.append(
@@ -149,29 +201,62 @@ class ID3Engine:
         """Push every selectable entry's score into `top`, tensor by tensor, chunk by chunk.
 
         Already-unmasked entries and non-finite scores are ineligible; tensors without a gradient are
-        skipped. Returns False if a non-finite gradient was seen (fp16 overflow).
+        skipped. Returns False if a non-finite score was seen (fp16 overflow). The result equals scoring
+        everything, concatenating and taking the top-k; see `TensorScorer` for the shortcuts.
         """
-        finite = True
-        inv_scale = 1.0 / grad_scale
+        scorer = TensorScorer(score_fn, grad_scale)
+        pending: list[tuple[str, int, torch.Tensor]] = []
+        small, big = [], []
         for name, p in self.unmasked.params.items():
-            if p.grad is None:
-                top.offset += p.numel()
-                continue
-            grad, weight = p.grad.detach().reshape(-1), p.detach().reshape(-1)
-            idx = self.unmasked.indices[name]
-            for start in range(0, grad.numel(), CHUNK):
-                stop = min(start + CHUNK, grad.numel())
-                scores = score_fn(grad[start:stop], weight[start:stop])
-                if inv_scale != 1.0:
-                    scores.mul_(inv_scale)
-                if finite and not bool(torch.isfinite(scores).all()):
-                    finite = False
-                    torch.nan_to_num_(scores, nan=INELIGIBLE, posinf=INELIGIBLE)
-                if idx.numel():
-                    local = idx[(idx >= start) & (idx < stop)] - start if stop - start < grad.numel() else idx
-                    scores.index_fill_(0, local, INELIGIBLE)
-                top.push(scores)
-        return finite
+            if p.grad is not None:
+                (small if p.numel() < SMALL_TENSOR else big).append((name, p.grad))
+        self._push_small(top, scorer, small)
+        # Last step's best-scoring tensors first; ties (and the first step) in global order, which also lets
+        # chunks that only tie the k-th score be dropped when they come after it.
+        big.sort(key=lambda item: (-self._peaks.get(item[0], -math.inf), self._offsets[item[0]]))
+        for name, grad in big:
+            self._push_tensor(top, scorer, name, grad, pending)
+        self._push_skipped_rows(top, scorer, pending)
+        top.offset = self.selectable
+        return scorer.finite
+
+    def _push_tensor(
+        self, top: StreamingTopK, scorer: TensorScorer, name: str, grad: torch.Tensor, pending: list
+    ) -> None:
+        p, offset, excluded = self.unmasked.params[name], self._offsets[name], self._sorted_unmasked(name)
+        if scorer.zero_grad_scores_zero and name in self._row_sparse:
+            rows = nonzero_rows(grad)
+            if rows is not None:
+                self._peaks[name] = scorer.push_rows(top, grad, p, offset, rows, excluded)
+                pending.append((name, offset, rows))
+                return
+            self._row_sparse.discard(name)  # dense (e.g. tied to the output layer): stop checking it
+        self._peaks[name] = scorer.push_flat(top, grad, p, offset, excluded)
+
+    def _push_small(self, top: StreamingTopK, scorer: TensorScorer, small: list) -> None:
+        names = [name for name, _ in small]
+        scorer.push_many(
+            top,
+            [grad for _, grad in small],
+            [self.unmasked.params[name] for name in names],
+            [self._offsets[name] for name in names],
+            [self._sorted_unmasked(name) for name in names],
+        )
+
+    def _push_skipped_rows(self, top: StreamingTopK, scorer: TensorScorer, pending: list) -> None:
+        """Rows skipped by `push_rows` score 0, so they matter only when fewer than k scores are positive."""
+        if pending and (not top.full or top.threshold() <= 0.0):
+            for name, offset, rows in pending:
+                p = self.unmasked.params[name]
+                scorer.push_zero_rows(top, p, offset, rows, self._sorted_unmasked(name))
+
+    def _sorted_unmasked(self, name: str) -> torch.Tensor:
+        """Sorted unmasked indices of `name`, cached until the set's index tensor is replaced."""
+        idx = self.unmasked.indices[name]
+        cached = self._sorted_cache.get(name)
+        if cached is None or cached[0] is not idx:
+            cached = self._sorted_cache[name] = (idx, torch.sort(idx).values)
+        return cached[1]
 
     def select_top(self, k: int, score_fn: ScoreFn) -> bool:
         """Unmask the k best still-masked entries under `score_fn` (on the current step's gradients).
@@ -182,13 +267,13 @@ class ID3Engine:
         finite = self.push_scores(top, score_fn, self.current_grad_scale)
         if not finite and self.current_check_overflow:
             return False
-        self.add_global(top.result()[1])
+        values, index = top.result()
+        self.last_selected_scores = values.detach().cpu()  # for logging (score histograms)
+        self.add_global(index)
         return True
 
     def add_global(self, global_index: torch.Tensor) -> None:
         """Unmask entries given by global flat index (selectable tensors in order, concatenated)."""
-        from .selection import split_by_tensor
-
         sizes = [p.numel() for p in self.unmasked.params.values()]
         for name, local in zip(self.unmasked.params, split_by_tensor(global_index.cpu(), sizes)):
             self.unmasked.add(name, local)
@@ -208,7 +293,15 @@ class ID3Engine:
         before = len(self.unmasked)
         self.steps_done += 1
         k = self.schedule.target(self.steps_done) - before
-        grew = self.method.on_step(k)
+        if self.low_memory_active or self._pass is not None:
+            if grad_scale != 1.0:
+                raise ValueError(
+                    "low_memory=True cannot use fp16 loss scaling: the scaler unscales p.grad, which this mode "
+                    "frees during backward. Train in bf16/fp32, or set ID3Config(low_memory=False)."
+                )
+            grew = self._finish_low_memory_pass(k)
+        else:
+            grew = self.method.on_step(k)
         if not grew:
             self.skipped_steps += 1
         self.unmasked.mask_gradients()
@@ -225,6 +318,158 @@ class ID3Engine:
             "skipped": not grew,
         }
         return self.last_stats
+
+    # ------------------------------------------------------------------------------------------ low memory
+    def low_memory_blockers(
+        self, accumulation_steps: int = 1, max_grad_norm: float = 0.0, loss_scaling: bool = False
+    ) -> list[str]:
+        """Why the low-memory mode cannot run under these training settings (empty list: it can)."""
+        reasons = []
+        if accumulation_steps > 1:
+            reasons.append(
+                f"gradient_accumulation_steps={accumulation_steps} (it scores each gradient as backward completes "
+                "it, so it needs the whole step's gradient in one backward)"
+            )
+        if max_grad_norm and max_grad_norm > 0:
+            reasons.append(
+                f"max_grad_norm={max_grad_norm} (clipping by the global norm rescales dense gradients, which this "
+                "mode frees; set max_grad_norm=0)"
+            )
+        if loss_scaling:
+            reasons.append("fp16 loss scaling (the scaler unscales p.grad, which this mode frees; use bf16)")
+        if self.config.optimizer != "sparse_adamw":
+            reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
+        if self._method_score_fn() is None:
+            reasons.append(
+                f"method={self.config.method!r} (only methods that grow the set by a score, e.g. 'id3')"
+            )
+        return reasons
+
+    def configure_low_memory(self, **settings) -> bool:
+        """Keep `ID3Config.low_memory` on if these settings allow it, else warn and use the standard mode.
+
+        `settings` are those of `low_memory_blockers`. Returns whether the low-memory mode is on.
+        """
+        if self.low_memory:
+            reasons = self.low_memory_blockers(**settings)
+            if reasons:
+                why = "; ".join(reasons)
+                warnings.warn(
+                    f"ID3Config(low_memory=True) cannot apply with {why}. Falling back to the standard mode: "
+                    "the same selection, but dense gradients are kept until the optimizer step.",
+                    stacklevel=2,
+                )
+                self.low_memory = False
+        return self.low_memory
+
+    @property
+    def low_memory_active(self) -> bool:
+        """True while the low-memory gradient hooks are installed (from `start` on)."""
+        return bool(self._hooks)
+
+    def _method_score_fn(self) -> ScoreFn | None:
+        score_fn = getattr(self.method, "score_fn", None)
+        return score_fn() if callable(score_fn) and self.method.incremental else None
+
+    def _install_hooks(self) -> None:
+        if self._hooks:
+            return
+        for name, p in self.unmasked.params.items():
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
+
+    def remove_hooks(self) -> None:
+        """Uninstall the low-memory gradient hooks (the engine then runs in the standard mode)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._pass, self.low_memory = [], None, False
+
+    def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._on_grad_ready(name, p)
+
+        return hook
+
+    def _on_grad_ready(self, name: str, p: torch.Tensor) -> None:
+        """Low-memory mode, as backward completes `p.grad`: score it into the running top-k (each candidate
+        keeps its gradient value), stash the gradient values of the unmasked entries, and free the gradient."""
+        lm = self._pass
+        if lm is None:
+            if self.schedule is None:
+                raise RuntimeError("call engine.start(total_steps) before the first backward.")
+            k = self.schedule.target(self.steps_done + 1) - len(self.unmasked)
+            lm = self._pass = _LowMemoryPass(
+                k, StreamingTopK(k), TensorScorer(self._method_score_fn(), keep_grads=True)
+            )
+            self.unmasked.grad_stash.clear()
+        if name in lm.seen:
+            raise RuntimeError(
+                f"low_memory=True: {name} received a second gradient before engine.step(). This mode needs "
+                "exactly one backward per step (no gradient accumulation); set ID3Config(low_memory=False)."
+            )
+        lm.seen.add(name)
+        grad = p.grad
+        if lm.k > 0:
+            if p.numel() < SMALL_TENSOR:
+                lm.small.append((name, grad))  # small: kept until the end of backward, scored together
+            else:
+                self._push_tensor(lm.top, lm.scorer, name, grad, lm.pending)
+        self.unmasked.grad_stash[name] = grad.reshape(-1)[self.unmasked.indices[name]]
+        p.grad = None
+
+    def _finish_low_memory_pass(self, k: int) -> bool:
+        """Low-memory counterpart of `method.on_step(k)`: unmask the winners, stash their gradient values."""
+        lm, self._pass = self._pass, None
+        if lm is None or k <= 0:
+            return True
+        if k > lm.k:
+            warnings.warn(f"low_memory: asked for {k} entries, backward kept {lm.k}.", stacklevel=2)
+        self._push_small(lm.top, lm.scorer, lm.small)
+        self._push_skipped_rows(lm.top, lm.scorer, lm.pending)
+        if not lm.scorer.finite and self.current_check_overflow:
+            return False
+        values, index = lm.top.result()
+        grads = lm.top.result_payload()
+        self.last_selected_scores = values[:k].detach().cpu()
+        if grads is None:
+            return True
+        index, grads = index[:k], grads[:k]
+        order = torch.argsort(index)  # the order `add_global` adds them in: by global index
+        index, grads = index[order], grads[order]
+        starts = torch.tensor(list(self._offsets.values()), dtype=index.dtype, device=index.device)
+        cuts = torch.searchsorted(index, starts).tolist() + [index.numel()]
+        for (name, offset), lo, hi in zip(self._offsets.items(), cuts, cuts[1:]):
+            if hi > lo:
+                self.unmasked.add(name, index[lo:hi] - offset)
+                kept = self.unmasked.grad_stash.get(name)
+                new = grads[lo:hi].to(self.unmasked.params[name].dtype)
+                self.unmasked.grad_stash[name] = (
+                    new if kept is None else torch.cat([kept, new.to(kept.dtype)])
+                )
+        return True
+
+    def grad_norm(self) -> torch.Tensor:
+        """L2 norm of the model's gradients as the optimizer sees them (masked entries count as 0).
+
+        O(B) for selectable tensors: it reads only unmasked entries (from `p.grad` or the low-memory stash).
+        """
+        selectable = {id(p): name for name, p in self.unmasked.params.items()}
+        norms = []
+        for p in self.model.parameters():
+            name = selectable.get(id(p))
+            idx = None if name is None else self.unmasked.indices_for(p)
+            if idx is None:
+                values = None if p.grad is None else p.grad.detach()
+            elif p.grad is not None:
+                values = p.grad.detach().reshape(-1)[idx]
+            else:
+                values = self.unmasked.grad_stash.get(name)
+            if values is not None and values.numel():
+                norms.append(torch.linalg.vector_norm(values.float()))
+        if not norms:
+            return torch.zeros(())
+        # Like torch's clip_grad_norm_: the norm of the per-tensor norms.
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
     def log_metrics(self) -> dict[str, float]:
         """Metrics since the last call, for the Trainer's log line."""
@@ -285,13 +530,4 @@ class ID3Engine:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

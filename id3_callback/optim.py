@@ -38,6 +38,27 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid SparseAdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.unmasked = unmasked
+        unmasked.subscribe(self._on_replace)
+
+    @torch.no_grad()
+    def _on_replace(self, p: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+        """The set of `p` was swapped (repeat-S): entries that stay keep their moments and step count,
+        entries that join start fresh, entries that leave drop theirs (O(B) state, as for a growing set)."""
+        state = self.state.get(p)
+        if not state:
+            return
+        have = state["exp_avg"].numel()  # state covers the first `have` entries of `old`
+        known, order = torch.sort(old[:have])
+        src = torch.full_like(new, -1)
+        if have:
+            pos = torch.searchsorted(known, new).clamp_(max=have - 1)
+            hit = known[pos] == new
+            src[hit] = order[pos[hit]]
+        hit = src >= 0
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            fresh = torch.zeros(new.numel(), dtype=state[key].dtype, device=state[key].device)
+            fresh[hit] = state[key][src[hit]]
+            state[key] = fresh
 
     def _state_for(self, p: torch.Tensor, n: int) -> dict:
         """State of `p` sized for its first `n` unmasked entries; new entries start fresh (zeros, step 0)."""
@@ -54,7 +75,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.cat([state["exp_avg_sq"], zeros])
                 state["step"] = torch.cat([state["step"], zeros.float()])
         elif have > n:
-            # The set shrank (repeat-S replaces it every step): restart every entry's moments.
+            # Only if the set was swapped behind our back (`_on_replace` normally keeps n in step).
             state.clear()
             return self._state_for(p, n)
         return state
@@ -66,35 +87,81 @@ class SparseAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
+            batch: dict[tuple, list] = {}  # tensors with an index list, updated together per device/dtype
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 idx = self.unmasked.indices_for(p)
-                flat = p.view(-1)
-                if idx is None:  # dense tensor: every entry, same code path
-                    grad, weight = p.grad.reshape(-1), flat
-                    n = flat.numel()
+                grad = self._grad_values(p, idx)
+                if grad is None:
+                    continue
+                if idx is None:  # dense tensor: every entry, in place
+                    self._adamw(group, p.view(-1), grad, self._state_for(p, p.numel()))
                 else:
-                    if idx.numel() == 0:
-                        continue
-                    grad, weight = p.grad.view(-1)[idx], flat[idx]
-                    n = idx.numel()
-                state = self._state_for(p, n)
-                step = state["step"].add_(1)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if wd:
-                    weight.mul_(1 - lr * wd)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias1 = 1 - torch.pow(beta1, step)
-                bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt_()
-                denom = (exp_avg_sq.sqrt() / bias2_sqrt.to(p.dtype)).add_(eps)
-                weight.sub_((exp_avg / denom).mul_((lr / bias1).to(p.dtype)))
-                if idx is not None:
-                    flat[idx] = weight
+                    batch.setdefault((p.device, p.dtype), []).append((p, idx, grad))
+            for items in batch.values():
+                self._step_sparse(group, items)
         return loss
+
+    def _grad_values(self, p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient of `p`'s trainable entries (flat), or None if it has none this step.
+
+        Without `p.grad` (the low-memory mode freed it), the values kept by the engine are used.
+        """
+        if idx is not None and idx.numel() == 0:
+            return None
+        if p.grad is not None:
+            flat = p.grad.reshape(-1)
+            return flat if idx is None else flat[idx]
+        name = self.unmasked.name_of(p)
+        stash = self.unmasked.grad_stash.pop(name, None) if name is not None else None
+        if stash is None or idx is None:
+            return None
+        if stash.numel() != idx.numel():
+            raise RuntimeError(
+                f"the kept gradient of {name} covers {stash.numel()} entries but {idx.numel()} are unmasked: "
+                "call engine.step() after each backward and before optimizer.step()."
+            )
+        return stash
+
+    def _step_sparse(self, group: dict, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """One AdamW update over the unmasked entries of many tensors, concatenated into flat buffers.
+
+        A few ops over O(B) entries instead of a dozen small ops per tensor: per-tensor work is only the
+        gather and scatter. Entry-wise the arithmetic is the same as updating each tensor on its own.
+        """
+        sizes = [idx.numel() for _, idx, _ in items]
+        states = [self._state_for(p, n) for (p, _, _), n in zip(items, sizes)]
+        keys = ("exp_avg", "exp_avg_sq", "step")
+        flat_state = {key: torch.cat([s[key] for s in states]) for key in keys}
+        grad = torch.cat([g for _, _, g in items])
+        weight = torch.cat([p.view(-1)[idx] for p, idx, _ in items])
+        self._adamw(group, weight, grad, flat_state)
+        parts = [flat_state[key].split(sizes) for key in keys]
+        for i, ((p, idx, _), w) in enumerate(zip(items, weight.split(sizes))):
+            p.view(-1)[idx] = w
+            for key, part in zip(keys, parts):
+                states[i][key] = part[i]
+
+    @staticmethod
+    def _adamw(group: dict, weight: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        """AdamW with per-entry bias correction, in place on `weight` and `state` (flat tensors)."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        step = state["step"].add_(1)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if wd:
+            weight.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # Bias corrections from a table indexed by step count: pow runs once per distinct step, and an entry's
+        # value does not depend on where it sits in the flat buffer (vectorized pow is not correctly rounded).
+        steps = step.long()
+        powers = torch.arange(
+            int(steps.max()) + 1 if steps.numel() else 1, dtype=step.dtype, device=step.device
+        )
+        bias1 = (1 - torch.pow(beta1, powers))[steps]
+        bias2_sqrt = (1 - torch.pow(beta2, powers)).sqrt_()[steps]
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt.to(weight.dtype)).add_(eps)
+        weight.sub_((exp_avg / denom).mul_((lr / bias1).to(weight.dtype)))
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held (to compare with a dense AdamW's 2 x 4 bytes x N)."""

@@ -9,11 +9,20 @@ Memory: the running best-k buffer plus one chunk's candidates, O(k + chunk), ind
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+
+from .scores import d3_scores, d3_settings
 
 INELIGIBLE = float("-inf")
 # Score tensors are processed in slices of this many entries, so temporaries stay bounded for huge tensors.
 CHUNK = 1 << 22
+# D3 scores are computed this many entries at a time into one reused float32 buffer (1 MiB): the abs / add /
+# div / max passes then run in cache, and no tensor-sized temporary is allocated (fresh large allocations
+# page-fault on every step). Smaller chunks cost more in per-call overhead than they save.
+SCORE_CHUNK = 1 << 18
 
 
 def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +53,17 @@ def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
             break
     tied_idx = torch.cat(tied)
     return torch.cat([vals_above, kth.expand(tied_idx.numel())]), torch.cat([idx_above, tied_idx])
+
+
+def _first_equal(scores: torch.Tensor, value: torch.Tensor, limit: int) -> torch.Tensor:
+    """Positions of the first `limit` entries equal to `value`, scanning blocks of growing size."""
+    found, need, start, block = [], limit, 0, max(4 * limit, 4096)
+    while need > 0 and start < scores.numel():
+        hits = (scores[start : start + block] == value).nonzero().view(-1)[:need] + start
+        found.append(hits)
+        need -= hits.numel()
+        start, block = start + block, block * 4
+    return torch.cat(found) if found else torch.empty(0, dtype=torch.long, device=scores.device)
 
 
 def _order(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -104,7 +124,8 @@ class StreamingTopK:
         if self.k > 0:
             for start in range(0, n, CHUNK):
                 part = flat[start : start + CHUNK]
-                found = self._candidates(part)
+                first = base + start if index is None else int(index[start])
+                found = self._candidates(part, first)
                 if found is None:
                     continue
                 vals, idx = found
@@ -114,20 +135,36 @@ class StreamingTopK:
         if offset is None and index is None:
             self.offset += n
 
-    def _candidates(self, part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(values, chunk-local indices) of `part`'s entries that could enter the top-k; None if none can."""
+    def can_improve(self, peak: float, first: int) -> bool:
+        """Whether entries whose best score is `peak`, the lowest at global index `first`, can enter."""
+        if not self.full:
+            return True
+        kth = self.values[-1].item()
+        # A tie with the k-th value enters only with a lower global index than the k-th entry's.
+        return peak > kth or (peak == kth and first < int(self.index[-1]))
+
+    def _candidates(self, part: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, chunk-local indices) of `part`'s entries that could enter the top-k; None if none can.
+
+        `first` is the global index of `part[0]` (indices ascend within `part`).
+        """
         if not self.full:
             return _chunk_topk(part, self.k)
-        kth = self.values[-1]
-        # Ties with the k-th value still matter (a lower global index wins), hence >= rather than >.
-        if not bool(part.max() >= kth):
+        peak = part.max().item()
+        if not self.can_improve(peak, first):
             return None
+        kth = self.values[-1]
+        if peak == kth.item():  # only ties: the lowest-index ones, found without scanning the whole chunk
+            idx = _first_equal(part, kth, self.k)
+            return part[idx], idx
         idx = (part >= kth).nonzero().view(-1)
-        vals = part[idx]
-        if idx.numel() > self.k:  # many ties: only the k lowest-index ones can matter
-            vals, pick = _chunk_topk(vals, self.k)
-            idx = idx[pick]
-        return vals, idx
+        if idx.numel() > self.k:  # many ties at the k-th value: strictly better ones, then the first ties
+            above = (part > kth).nonzero().view(-1)
+            if above.numel() >= self.k:
+                vals, pick = _chunk_topk(part[above], self.k)
+                return vals, above[pick]
+            idx = torch.cat([above, _first_equal(part, kth, self.k - above.numel())])
+        return part[idx], idx
 
     def push_candidates(
         self, values: torch.Tensor, index: torch.Tensor, payload: torch.Tensor | None = None
@@ -174,7 +211,9 @@ def global_topk(score_chunks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     top = StreamingTopK(k)
     sizes = []
     for scores in score_chunks:
-        clean = torch.nan_to_num(scores.reshape(-1).float(), nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE)
+        clean = torch.nan_to_num(
+            scores.reshape(-1).float(), nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE
+        )
         top.push(clean)
         sizes.append(clean.numel())
     return split_by_tensor(top.result()[1], sizes)
@@ -186,3 +225,220 @@ def split_by_tensor(global_index: torch.Tensor, sizes: list[int]) -> list[torch.
     bounds = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
     cuts = torch.searchsorted(global_index, bounds)
     return [global_index[cuts[i] : cuts[i + 1]] - bounds[i] for i in range(len(sizes))]
+
+
+def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:
+    """Sorted indices of the rows of `grad` (first dimension) holding any nonzero bit, or None if over half do.
+
+    Bitwise, so -0.0 and NaN count as nonzero: skipped rows are exactly +0.0. One read of the gradient, no
+    temporary of its size. An embedding's gradient is nonzero only in the rows of the batch's tokens.
+
+    Example:
+        >>> nonzero_rows(torch.tensor([[0.0, 0.0], [0.0, -0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]))
+        tensor([1, 4])
+    """
+    if grad.dim() < 2 or not grad.is_contiguous() or grad.numel() == 0:
+        return None
+    rows = grad.reshape(grad.shape[0], -1)
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[grad.element_size()]
+    try:  # two float32 entries per int64 halve the work of the reduction
+        bits = (
+            rows.view(torch.int64)
+            if grad.element_size() == 4 and rows.shape[1] % 2 == 0
+            else rows.view(as_int)
+        )
+    except RuntimeError:  # odd storage offset
+        bits = rows.view(as_int)
+    low, high = torch.aminmax(bits, dim=1)
+    found = ((low != 0) | (high != 0)).nonzero().view(-1)
+    return found if found.numel() * 2 <= rows.shape[0] else None
+
+
+class TensorScorer:
+    """Streams tensors' scores into a `StreamingTopK`, each entry at its global index.
+
+    Handles what `push` cannot: the fp16 loss scale, non-finite scores (ineligible; `finite` turns False),
+    entries already unmasked (`excluded`: sorted flat indices; ineligible), and the D3 fast paths: scores
+    are written into one reused buffer, a chunk whose maximum cannot enter the top-k is dropped after that
+    one max (before any exclusion work), small tensors are scored together (`push_many`), and embedding
+    rows without gradient are skipped (`push_rows`). With `keep_grads`, every candidate carries its
+    gradient value as the payload (low-memory mode). The push methods return the highest score seen
+    (D3 only, else -inf): a hint for pushing the likely winners first next time.
+
+    Example:
+        >>> top, scorer = StreamingTopK(2), TensorScorer(d3_scores)
+        >>> g, w = torch.tensor([0.5, -3.0, 1.0]), torch.ones(3)
+        >>> peak = scorer.push_flat(top, g, w, offset=10, excluded=torch.tensor([1]))
+        >>> top.result()[1].tolist()
+        [12, 10]
+    """
+
+    def __init__(self, score_fn: Callable, grad_scale: float = 1.0, keep_grads: bool = False) -> None:
+        self.score_fn = score_fn
+        self.d3 = d3_settings(score_fn)
+        self.inv_scale = 1.0 / grad_scale
+        self.keep_grads = keep_grads
+        self.chunk = SCORE_CHUNK if self.d3 is not None else CHUNK
+        self.finite = True
+        self._buffer: torch.Tensor | None = None
+
+    @property
+    def zero_grad_scores_zero(self) -> bool:
+        """True when an entry with gradient exactly 0 scores 0 (or NaN) whatever its weight: D3."""
+        return self.d3 is not None
+
+    def _push_chunk(
+        self,
+        top: StreamingTopK,
+        grad: torch.Tensor,
+        weight: torch.Tensor,
+        excluded: torch.Tensor | None,
+        offset: int | None = None,
+        index: torch.Tensor | None = None,
+    ) -> float:
+        """Score one chunk and push it; `excluded` holds chunk-local positions to make ineligible."""
+        if self.d3 is None:
+            scores = self.score_fn(grad, weight)
+        else:
+            n = grad.numel()
+            if self._buffer is None or self._buffer.numel() < n or self._buffer.device != grad.device:
+                self._buffer = torch.empty(max(n, min(self.chunk, 1 << 16)), device=grad.device)
+            scores = d3_scores(grad, weight, *self.d3, out=self._buffer[:n])
+        if self.inv_scale != 1.0:
+            scores.mul_(self.inv_scale)
+        peak = INELIGIBLE
+        if self.d3 is not None:
+            # D3 scores are >= 0 unless NaN/inf, and max propagates NaN: one pass tells both whether the
+            # chunk is finite and whether anything in it (excluded entries included) can enter the top-k.
+            peak = scores.max().item()
+            clean = math.isfinite(peak)
+            if clean and not top.can_improve(peak, offset if index is None else int(index[0])):
+                return peak
+        else:
+            clean = bool(torch.isfinite(scores).all())
+        if not clean:
+            self.finite, peak = False, INELIGIBLE
+            torch.nan_to_num_(scores, nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE)
+        if excluded is not None:
+            scores.index_fill_(0, excluded, INELIGIBLE)
+        top.push(scores, offset=offset, index=index, payload=grad if self.keep_grads else None)
+        return peak
+
+    def _chunks(self, lo: int, hi: int, excluded: torch.Tensor):
+        """(start, stop, chunk-local excluded positions or None) for the chunks of [lo, hi)."""
+        starts = list(range(lo, hi, self.chunk))
+        cuts = None
+        if excluded.numel():
+            edges = torch.tensor([*starts, hi], dtype=excluded.dtype, device=excluded.device)
+            cuts = torch.searchsorted(excluded, edges).tolist()
+        for i, start in enumerate(starts):
+            local = None
+            if cuts is not None and cuts[i + 1] > cuts[i]:
+                local = excluded[cuts[i] : cuts[i + 1]] - start
+            yield start, min(start + self.chunk, hi), local
+
+    def push_flat(
+        self,
+        top: StreamingTopK,
+        grad: torch.Tensor | None,
+        weight: torch.Tensor,
+        offset: int,
+        excluded: torch.Tensor,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> float:
+        """Push flat entries [lo, hi) of one tensor that starts at global `offset`; `grad=None`: zeros."""
+        g = None if grad is None else grad.detach().reshape(-1)
+        w = weight.detach().reshape(-1)
+        peak = INELIGIBLE
+        for start, stop, local in self._chunks(lo, w.numel() if hi is None else hi, excluded):
+            gc = g[start:stop] if g is not None else torch.zeros(stop - start, dtype=w.dtype, device=w.device)
+            peak = max(peak, self._push_chunk(top, gc, w[start:stop], local, offset=offset + start))
+        return peak
+
+    def push_gathered(
+        self,
+        top: StreamingTopK,
+        grad: torch.Tensor,
+        weight: torch.Tensor,
+        index: torch.Tensor,
+        excluded: torch.Tensor,
+    ) -> float:
+        """Push entries gathered from anywhere: `index` (ascending) is each one's global index and
+        `excluded` (sorted) the positions, in these flat tensors, to make ineligible."""
+        peak = INELIGIBLE
+        for start, stop, local in self._chunks(0, grad.numel(), excluded):
+            chunk = (grad[start:stop], weight[start:stop], local)
+            peak = max(peak, self._push_chunk(top, *chunk, index=index[start:stop]))
+        return peak
+
+    def push_many(
+        self,
+        top: StreamingTopK,
+        grads: list[torch.Tensor],
+        weights: list[torch.Tensor],
+        offsets: list[int],
+        excluded: list[torch.Tensor],
+    ) -> float:
+        """Push several (small) tensors as one: a handful of ops instead of a handful per tensor."""
+        if not grads:
+            return INELIGIBLE
+        order = sorted(range(len(grads)), key=offsets.__getitem__)  # global order keeps `index` ascending
+        sizes = [grads[i].numel() for i in order]
+        g = torch.cat([grads[i].detach().reshape(-1) for i in order])
+        w = torch.cat([weights[i].detach().reshape(-1) for i in order])
+        bases = [0]
+        for size in sizes[:-1]:
+            bases.append(bases[-1] + size)
+        shift = torch.tensor([offsets[i] - b for i, b in zip(order, bases)], device=g.device)
+        index = torch.arange(g.numel(), device=g.device)
+        index += shift.repeat_interleave(torch.tensor(sizes, device=g.device))
+        parts = [excluded[i] + b for i, b in zip(order, bases) if excluded[i].numel()]
+        ex = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=g.device)
+        return self.push_gathered(top, g, w, index, ex)
+
+    def push_rows(
+        self,
+        top: StreamingTopK,
+        grad: torch.Tensor,
+        weight: torch.Tensor,
+        offset: int,
+        rows: torch.Tensor,
+        excluded: torch.Tensor,
+    ) -> float:
+        """Push only `rows` (sorted) of a 2-D tensor; the caller owes the other rows to `push_zero_rows`.
+
+        With D3 every other row scores 0 (its gradient is exactly +0.0), so those rows can only matter
+        when fewer than k positive scores exist; the caller checks that once all tensors are in.
+        """
+        if rows.numel() == 0:
+            return INELIGIBLE
+        width = grad[0].numel()
+        g = grad.detach().reshape(-1, width).index_select(0, rows).view(-1)
+        w = weight.detach().reshape(-1, width).index_select(0, rows).view(-1)
+        cols = torch.arange(width, device=grad.device)
+        index = (rows[:, None] * width + cols).view(-1) + offset
+        ex = excluded[:0]
+        if excluded.numel():
+            ex_rows = excluded // width
+            pos = torch.searchsorted(rows, ex_rows).clamp_(max=rows.numel() - 1)
+            hit = rows[pos] == ex_rows
+            ex = torch.sort(pos[hit] * width + excluded[hit] % width).values
+        return self.push_gathered(top, g, w, index, ex)
+
+    def push_zero_rows(
+        self,
+        top: StreamingTopK,
+        weight: torch.Tensor,
+        offset: int,
+        rows: torch.Tensor,
+        excluded: torch.Tensor,
+    ) -> None:
+        """Push every row *not* in `rows` with a zero gradient (the exact completion of `push_rows`)."""
+        height = weight.shape[0]
+        width = weight[0].numel()
+        starts = [0, *(rows + 1).tolist()]
+        ends = [*rows.tolist(), height]
+        for r0, r1 in zip(starts, ends):
+            if r1 > r0:
+                self.push_flat(top, None, weight, offset, excluded, lo=r0 * width, hi=r1 * width)

@@ -8,12 +8,15 @@ The overrides live in a mixin so `Seq2SeqTrainer` (or any Trainer subclass) gets
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callback import ID3Callback
+from .distributed import check_consistency, check_distributed_support
 from .engine import ID3Engine
+from .methods.fish import trainer_fisher_batches
 from .optim import SparseAdamW, guard_weight_decay
 
 
@@ -31,11 +34,25 @@ class ID3TrainerMixin:
         if self.is_deepspeed_enabled:
             raise ValueError(
                 "ID3 does not support DeepSpeed: ZeRO partitions gradients and optimizer state, so no rank sees "
-                "the whole gradient to score. Use DDP (torchrun / accelerate launch) or FSDP with "
-                "use_orig_params=True instead."
+                "the whole gradient to score. Use DDP instead (torchrun / accelerate launch without a DeepSpeed "
+                "config); see docs/distributed.md."
             )
         self.id3 = callbacks[0]
+        check_distributed_support(self, self.id3.config)  # FSDP / TP / low_memory under DDP: refuse early
         self.id3.attach(self.model, seed=self.args.seed)
+        # Training batches for methods that need data before training (FISH's Fisher pass).
+        self.engine.fisher_batches = partial(trainer_fisher_batches, self)
+        # Low-memory mode needs one backward per step and no clipping of dense gradients; else it warns and
+        # falls back. Its gradient hooks go in at train begin (`engine.start`).
+        self.engine.configure_low_memory(
+            accumulation_steps=self.args.gradient_accumulation_steps,
+            max_grad_norm=self.args.max_grad_norm,
+            loss_scaling=bool(self.args.fp16),
+        )
+        # Mask heatmap PNG in output_dir, and W&B mask panels when report_to includes wandb.
+        from .logging import attach_logging
+
+        attach_logging(self)
 
     @property
     def engine(self) -> ID3Engine:
@@ -75,7 +92,15 @@ class ID3TrainerMixin:
                 self.engine.step()
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Low-memory mode keeps the selectable gradients in the engine (p.grad is None): the Trainer's own
+        # norm over p.grad would miss them, so the engine computes it (O(B)).
+        if grad_norm is None and self.engine.low_memory_active:
+            return self.engine.grad_norm()
+        return super()._get_grad_norm(model, grad_norm)
+
     def _save_checkpoint(self, model, trial):
+        check_consistency(self.engine, f"the checkpoint of step {self.state.global_step}")  # all ranks
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = os.path.join(
@@ -87,6 +112,7 @@ class ID3TrainerMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             self.engine.load(checkpoint)
+            check_consistency(self.engine, f"resume from {checkpoint}")
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self.engine.steps_done:

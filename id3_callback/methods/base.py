@@ -37,6 +37,10 @@ class SelectionMethod:
         """
         return True
 
+    def describe(self) -> str:
+        """One line for the engine's summary when the method departs from the D3 default ("" for none)."""
+        return ""
+
     def state_dict(self) -> dict:
         return {}
 

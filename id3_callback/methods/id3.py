@@ -12,8 +12,12 @@ from .base import SelectionMethod, register_method
 class ID3(SelectionMethod):
     incremental = True
 
+    def score_fn(self):
+        """The score `on_step` ranks by; the engine's low-memory mode scores with it in gradient hooks."""
+        config = self.engine.config
+        return partial(d3_scores, eps=config.eps, exp=config.exp)
+
     def on_step(self, k: int) -> bool:
         if k <= 0:
             return True
-        config = self.engine.config
-        return self.engine.select_top(k, partial(d3_scores, eps=config.eps, exp=config.exp))
+        return self.engine.select_top(k, self.score_fn())

@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Time of one training step: ID3 against full fine-tuning, LoRA and the official ID3, side by side.
+
+    python benchmarks/bench_step.py                       # writes benchmarks/results/step.json + step.md
+    PYTHONPATH=/tmp/so-site python benchmarks/bench_step.py   # adds the official ID3 (optional, see below)
+
+Setting (the issue's): the packaged all-MiniLM-L6-v2 with a 2-way head, real SST-2 batches (16 x 64
+tokens, MiniLM tokenizer), budget 0.17% of the weights, CPU, 2 threads. Every variant has its own copy
+of the model and sees the same batches; variants run interleaved step by step (their order rotating)
+so load from other processes hits them alike, and ratios are taken per step, then the median.
+
+Variants: full fine-tuning with fused AdamW; ID3 standard and low-memory mode (SparseAdamW); peft
+LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers` 0.4 ID3 when importable
+(optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
+PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
+optimizer step + zero_grad. ID3 starts mid-schedule (step T/2, half the budget unmasked, chosen by
+D3 on a warm-up batch), where its per-step work is typical; the official ID3 starts at step 0 (its
+cost does not depend on the set size: it scores and masks every entry densely).
+
+A second, shorter phase times the parts of the ID3 step (scoring, selection, masking, optimizer) with
+timers around the engine's internals, and the Trainer's own gradient-norm pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchutil  # noqa: E402
+from official import make_official_id3, official_available  # noqa: E402
+
+import id3_callback.selection as selection_mod  # noqa: E402
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, save_delta  # noqa: E402
+
+
+def now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class Variant:
+    """One model copy and its optimizer; `step(batch)` returns the stage times in ms."""
+
+    def __init__(self, name: str, model, optimizer, engine: ID3Engine | None = None) -> None:
+        self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
+
+    def step(self, batch: dict) -> dict[str, float]:
+        t0 = now()
+        self.model(**batch).loss.backward()
+        t1 = now()
+        if self.engine is not None:
+            self.engine.step()
+        t2 = now()
+        self.optimizer.step()
+        t3 = now()
+        self.optimizer.zero_grad(set_to_none=True)
+        t4 = now()
+        ms = 1000.0
+        return {
+            "step": (t4 - t0) * ms,
+            "fwd_bwd": (t1 - t0) * ms,
+            "engine": (t2 - t1) * ms,
+            "optimizer": (t3 - t2) * ms,
+            "zero_grad": (t4 - t3) * ms,
+        }
+
+
+def build_variants(args, warm_batch: dict) -> list[Variant]:
+    names = args.variants.split(",")
+    variants = []
+    total = sum(p.numel() for p in benchutil.minilm_classifier().parameters())
+    budget = max(1, round(args.budget * total))
+    start_at = args.total_steps // 2
+    std_engine = None
+    for name in names:
+        model = benchutil.minilm_classifier(seed=0)
+        model.train()
+        if name == "full":
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+            variants.append(Variant(name, model, opt))
+        elif name in ("id3", "id3_low_memory"):
+            engine = ID3Engine(model, ID3Config(budget=args.budget, low_memory=name == "id3_low_memory"))
+            engine.start(args.total_steps)
+            if std_engine is None:  # fast-forward to mid-schedule with a D3 selection on a warm-up batch
+                probe = benchutil.minilm_classifier(seed=0)
+                probe_engine = ID3Engine(probe, ID3Config(budget=args.budget))
+                probe_engine.start(args.total_steps)
+                probe(**warm_batch).loss.backward()
+                probe_engine.select_top(
+                    probe_engine.schedule.target(start_at), probe_engine.method.score_fn()
+                )
+                std_engine = probe_engine
+            engine.unmasked.load_state_dict(std_engine.unmasked.state_dict())
+            engine.steps_done = start_at
+            opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=args.lr)
+            variants.append(Variant(name, model, opt, engine))
+        elif name == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type="SEQ_CLS"
+            )
+            model = get_peft_model(model, config)
+            opt = torch.optim.AdamW(
+                [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True
+            )
+            variants.append(Variant(name, model, opt))
+        elif name == "official":
+            if not official_available():
+                print("official ID3 not importable: skipped (see the module docstring)", file=sys.stderr)
+                continue
+            opt = make_official_id3(model, budget=budget, total_steps=args.total_steps, lr=args.lr)
+            variants.append(Variant(name, model, opt))
+        else:
+            raise SystemExit(f"unknown variant {name!r}")
+    return variants
+
+
+class StageTimers:
+    """Wraps the ID3 engine's internals with timers (breakdown phase only: they add a little overhead)."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = {}
+        self.original_d3 = selection_mod.d3_scores
+
+    def timed(self, key: str, fn):
+        def wrapper(*a, **kw):
+            t0 = now()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.acc[key] = self.acc.get(key, 0.0) + (now() - t0) * 1000.0
+
+        return wrapper
+
+    def install(self, engine: ID3Engine) -> None:
+        selection_mod.d3_scores = self.timed("scoring", self.original_d3)
+        engine.method.on_step = self.timed("select_total", engine.method.on_step)
+        engine.unmasked.mask_gradients = self.timed("masking", engine.unmasked.mask_gradients)
+        engine._on_grad_ready = self.timed("hooks_total", engine._on_grad_ready)
+        engine._finish_low_memory_pass = self.timed("finish_total", engine._finish_low_memory_pass)
+
+    def take(self) -> dict[str, float]:
+        out, self.acc = self.acc, {}
+        return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 4:
+        return (min(values, default=math.nan), max(values, default=math.nan))
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    tokenizer = benchutil.minilm_tokenizer()
+    batches = benchutil.sst2_batches(
+        tokenizer, args.warmup + args.steps + args.breakdown_steps + 1, args.batch, args.seq
+    )
+    variants = build_variants(args, batches[0])
+    names = [v.name for v in variants]
+    records: dict[str, list[dict]] = {n: [] for n in names}
+
+    # Phase 1: headline step times, interleaved, no instrumentation.
+    for i, batch in enumerate(batches[1 : 1 + args.warmup + args.steps]):
+        order = variants[i % len(variants) :] + variants[: i % len(variants)]
+        for v in order:
+            times = v.step(batch)
+            if i >= args.warmup:
+                records[v.name].append(times)
+
+    # Phase 2: where the ID3 time goes (timers around the engine's parts), plus the Trainer's norm pass.
+    timers = StageTimers()
+    parts: dict[str, list[dict]] = {}
+    norm_ms: dict[str, list[float]] = {"clip_grad_norm_inf": [], "engine_grad_norm": []}
+    id3_variants = [v for v in variants if v.engine is not None]
+    for v in id3_variants:
+        timers.install(v.engine)
+    for batch in batches[1 + args.warmup + args.steps :]:
+        for v in id3_variants:
+            timers.take()
+            t0 = now()
+            v.model(**batch).loss.backward()
+            t1 = now()
+            v.engine.step()
+            t2 = now()
+            if v.name == "id3":  # what the Trainer does every step when max_grad_norm=0 (dense masked grads)
+                a = now()
+                torch.nn.utils.clip_grad_norm_(v.model.parameters(), float("inf"))
+                b = now()
+                v.engine.grad_norm()
+                c = now()
+                norm_ms["clip_grad_norm_inf"].append((b - a) * 1000)
+                norm_ms["engine_grad_norm"].append((c - b) * 1000)
+            t3 = now()
+            v.optimizer.step()
+            t4 = now()
+            v.optimizer.zero_grad(set_to_none=True)
+            got = timers.take()
+            scoring = got.get("scoring", 0.0)
+            selecting = (
+                got.get("select_total", 0.0) + got.get("hooks_total", 0.0) + got.get("finish_total", 0.0)
+            )
+            parts.setdefault(v.name, []).append(
+                {
+                    "fwd_bwd": (t1 - t0) * 1000 - got.get("hooks_total", 0.0),
+                    "scoring": scoring,
+                    "selection": selecting - scoring,
+                    "masking": got.get("masking", 0.0),
+                    "engine_other": (t2 - t1) * 1000
+                    - got.get("select_total", 0.0)
+                    - got.get("finish_total", 0.0)
+                    - got.get("masking", 0.0),
+                    "optimizer": (t4 - t3) * 1000,
+                }
+            )
+    selection_mod.d3_scores = timers.original_d3
+
+    # Results.
+    full = records.get("full")
+    out = {
+        "benchmark": "step",
+        "setting": {
+            "model": "all-MiniLM-L6-v2 (+2-way head)",
+            "data": "SST-2 train, first batches in file order",
+            "batch": args.batch,
+            "seq": args.seq,
+            "budget_fraction": args.budget,
+            "total_steps": args.total_steps,
+            "id3_start_step": args.total_steps // 2,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "threads": args.threads,
+        },
+        "machine": benchutil.machine(),
+        "variants": {},
+    }
+    for v in variants:
+        rec = records[v.name]
+        row = {key: median([r[key] for r in rec]) for key in rec[0]}
+        row["step_iqr"] = quartiles([r["step"] for r in rec])
+        if full is not None:
+            ratios = [r["step"] / f["step"] for r, f in zip(rec, full)]
+            row["ratio_vs_full"] = median(ratios)
+            row["ratio_iqr"] = quartiles(ratios)
+        if v.name in parts:
+            row["breakdown"] = {key: median([p[key] for p in parts[v.name]]) for key in parts[v.name][0]}
+        if v.engine is not None:
+            row["unmasked_at_end"] = len(v.engine.unmasked)
+            row["budget"] = v.engine.budget
+            row["optimizer_state_bytes"] = v.optimizer.state_bytes()
+        out["variants"][v.name] = row
+    if norm_ms["clip_grad_norm_inf"]:
+        out["trainer_grad_norm_ms"] = {key: median(val) for key, val in norm_ms.items()}
+    id3 = next((v for v in variants if v.name == "id3"), None)
+    if id3 is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_delta(id3.engine, os.path.join(tmp, "delta.safetensors"))
+            size = os.path.getsize(path)
+        out["delta"] = {
+            "entries": len(id3.engine.unmasked),
+            "bytes": size,
+            "bytes_per_entry": size / max(len(id3.engine.unmasked), 1),
+        }
+        print(
+            f"delta: {size:,} bytes for {len(id3.engine.unmasked):,} entries = "
+            f"{size / len(id3.engine.unmasked):.2f} bytes per unmasked entry"
+        )
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = []
+    for name, row in result["variants"].items():
+        b = row.get("breakdown", {})
+        rows.append(
+            [
+                name,
+                row["step"],
+                row.get("ratio_vs_full"),
+                row["fwd_bwd"],
+                row["engine"] if name.startswith("id3") else None,
+                row["optimizer"],
+                b.get("scoring"),
+                b.get("selection"),
+                b.get("masking"),
+            ]
+        )
+    header = [
+        "variant",
+        "step ms",
+        "x full",
+        "fwd+bwd ms",
+        "engine.step ms",
+        "optimizer ms",
+        "scoring ms",
+        "selection ms",
+        "masking ms",
+    ]
+    s = result["setting"]
+    text = (
+        f"Step time, {s['model']}, batch {s['batch']} x {s['seq']}, budget {100 * s['budget_fraction']:.2f}%, "
+        f"{s['threads']} threads, median of {s['steps']} interleaved steps ({result['machine']['date']}, "
+        f"{result['machine']['cpu']}, load {result['machine']['load_1min']:.1f}).\n\n"
+    )
+    text += benchutil.markdown_table(header, rows)
+    text += (
+        "\nLow-memory mode scores inside backward (gradient hooks), so its scoring and selection are part of "
+        "its fwd+bwd column; the breakdown columns come from a separate instrumented phase.\n"
+    )
+    if "trainer_grad_norm_ms" in result:
+        g = result["trainer_grad_norm_ms"]
+        text += (
+            f"\nTrainer's gradient-norm pass (every step, even with max_grad_norm=0): clip_grad_norm_(inf) over "
+            f"the dense masked gradients {g['clip_grad_norm_inf']:.2f} ms; the engine's O(B) norm "
+            f"{g['engine_grad_norm']:.2f} ms.\n"
+        )
+    if "delta" in result:
+        d = result["delta"]
+        text += f"\nDelta size: {d['bytes']:,} bytes for {d['entries']:,} entries = {d['bytes_per_entry']:.2f} B/entry.\n"
+    return text
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="full,id3,id3_low_memory,lora,official")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=0.0017)
+    parser.add_argument(
+        "--total-steps", type=int, default=1000, help="schedule length T (u_t = B/T per step)"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--breakdown-steps", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--out", default=str(benchutil.RESULTS / "step.json"))
+    args = parser.parse_args(argv)
+    result = run(args)
+    benchutil.write_json(result, benchutil.Path(args.out))
+    md = markdown(result)
+    benchutil.write_text(md, benchutil.Path(args.out).with_suffix(".md"))
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""repeat-S: a fresh top-B by D3 every step; only those B entries update at that step.
+
+Optimizer state: `SparseAdamW` keeps the moments and step count of entries that stay in the set from one
+step to the next and starts re-joining entries fresh (it drops an entry's state when it leaves). This keeps
+optimizer memory O(B) and treats each stay in the set as one Adam run, like an entry joining ID3's set late.
+Restarting everyone every step would instead turn Adam into sign descent (a first bias-corrected Adam step
+is lr * sign(g)); keeping state for every entry ever selected would make memory O(union).
+
+Deltas cover the union of entries ever trained, each with its first-seen base value (`UnmaskedSet.replace`).
+"""
+
+from __future__ import annotations
+
+from ..scores import d3_scores
+from .base import SelectionMethod, register_method
+from .common import grad_chunk, per_tensor, top_entries, weight_chunk
+
+
+@register_method("repeat")
+class RepeatD3(SelectionMethod):
+    """Every step, the set becomes the B highest D3 scores over all selectable entries (set included).
+
+    Example:
+        >>> ID3Config(method="repeat", budget=1000)  # doctest: +SKIP
+    """
+
+    incremental = False
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        if engine.config.optimizer != "sparse_adamw":
+            raise ValueError(
+                "method 'repeat' needs optimizer='sparse_adamw': a standard optimizer keeps moving entries that "
+                "left the set with their leftover momentum. Set ID3Config(optimizer='sparse_adamw')."
+            )
+
+    def on_step(self, k: int) -> bool:
+        engine, config = self.engine, self.engine.config
+
+        def score(name, p, start, stop):
+            # fp16 loss scaling multiplies every score alike, so the ranking needs no unscaling.
+            return d3_scores(grad_chunk(p, start, stop), weight_chunk(p, start, stop), config.eps, config.exp)
+
+        values, index, finite = top_entries(engine, engine.budget, score, exclude_unmasked=False)
+        if not finite and engine.current_check_overflow:
+            return False  # keep last step's set; the optimizer skips this step
+        engine.last_selected_scores = values.detach().cpu()
+        for name, local in per_tensor(engine, index).items():
+            engine.unmasked.replace(name, local)
+        return True
+
+    def describe(self) -> str:
+        return "repeat-S: a fresh top-B by D3 every step (deltas hold every entry ever trained)"

@@ -1,0 +1,204 @@
+"""Low-memory mode: gradients scored and freed during backward, with exactly the standard mode's result.
+
+The standard mode keeps every dense gradient until the optimizer step; `ID3Config(low_memory=True)`
+scores each tensor in a post-accumulate-grad hook, keeps only the running top-k candidates and the
+unmasked entries' gradient values, and frees the gradient at once. Selection is exact either way (the
+global order, not the hook order, breaks ties), and SparseAdamW does the same arithmetic on the same
+values in the same layout, so the weights come out bitwise identical.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama, token_data, training_args
+
+import id3_callback.engine as engine_mod
+import id3_callback.selection as sel
+from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a loaded machine thread hand-offs dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tied_llama():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight  # two contributions to one gradient
+    return model
+
+
+MODELS = {"bert": (tiny_bert, "cls"), "llama": (tiny_llama, "lm"), "tied_llama": (tied_llama, "lm")}
+
+
+def batches(kind: str, steps: int, size: int = 4):
+    data = token_data(n=steps * size, seq=12, kind=kind)
+    for s in range(steps):
+        yield {
+            key: torch.stack([data[i][key] for i in range(s * size, (s + 1) * size)]) for key in data.columns
+        }
+
+
+def run_plain(model_name: str, low_memory: bool, steps: int = 5, budget: int = 300, **config):
+    make, kind = MODELS[model_name]
+    model = make()
+    engine = ID3Engine(model, ID3Config(budget=budget, low_memory=low_memory, **config))
+    engine.start(steps)
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2, weight_decay=0.1)
+    sets, grads_left = [], []
+    for batch in batches(kind, steps):
+        model(**batch).loss.backward()
+        grads_left.append(sum(p.grad is not None for p in engine.unmasked.params.values()))
+        engine.step()
+        sets.append({n: i.clone() for n, i in engine.unmasked.indices.items()})
+        opt.step()
+        opt.zero_grad()
+    return model, engine, sets, grads_left
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("variant", ["default", "row_sparse", "per_tensor"])
+def test_low_memory_selects_the_same_entries_and_gives_bitwise_equal_weights(
+    model_name, variant, monkeypatch
+):
+    if variant == "row_sparse":  # tiny embeddings take the row-sparse path, in small chunks
+        monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+        monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
+    if variant == "per_tensor":
+        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
+    std_model, std, std_sets, std_left = run_plain(model_name, low_memory=False)
+    low_model, low, low_sets, low_left = run_plain(model_name, low_memory=True)
+    assert not std.low_memory_active and low.low_memory_active
+    assert len(low.unmasked) == low.budget == 300
+    for step, (a, b) in enumerate(zip(std_sets, low_sets)):
+        for name in a:  # same entries, joined in the same order
+            assert torch.equal(a[name], b[name]), (step, name)
+    for (name, a), b in zip(std_model.state_dict().items(), low_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert min(std_left) > 0 and max(low_left) == 0  # low-memory: no selectable gradient outlives backward
+
+
+def test_low_memory_with_exponent_and_a_budget_reached_early():
+    """exp != 1 takes the pow path; once the budget is spent (k = 0) the hooks only stash and free."""
+    _, std, std_sets, _ = run_plain(
+        "bert", low_memory=False, steps=6, budget=50, exp=2.0, scheduler="exponential"
+    )
+    _, low, low_sets, _ = run_plain(
+        "bert", low_memory=True, steps=6, budget=50, exp=2.0, scheduler="exponential"
+    )
+    assert [sum(i.numel() for i in s.values()) for s in low_sets][-1] == 50
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(std_sets, low_sets) for n in a)
+
+
+def test_dense_gradient_is_freed_and_the_unmasked_values_are_kept():
+    model = tiny_bert()
+    engine = ID3Engine(model, ID3Config(budget=100, low_memory=True, dense="classifier"))
+    engine.start(4)
+    batch = next(batches("cls", 1))
+    model(**batch).loss.backward()
+    engine.step()
+    assert all(p.grad is None for p in engine.unmasked.params.values())
+    assert all(p.grad is not None for p in engine.unmasked.dense.values())  # dense tensors keep theirs
+    stash = engine.unmasked.grad_stash
+    assert sum(v.numel() for v in stash.values()) == len(engine.unmasked) == 25
+    # the kept values are the true gradient values of the unmasked entries
+    ref = tiny_bert()
+    ref(**batch).loss.backward()
+    for name, p in ref.named_parameters():
+        if name in stash:
+            assert torch.equal(stash[name], p.grad.reshape(-1)[engine.unmasked.indices[name]])
+    norm = engine.grad_norm()  # what the Trainer logs: unmasked entries + dense tensors
+    want = torch.sqrt(
+        sum((v.double() ** 2).sum() for v in stash.values())
+        + sum((p.grad.double() ** 2).sum() for p in engine.unmasked.dense.values())
+    )
+    assert torch.allclose(norm.double(), want, rtol=1e-5)
+
+
+def test_a_second_backward_before_step_is_refused():
+    model = tiny_bert()
+    engine = ID3Engine(model, ID3Config(budget=100, low_memory=True))
+    engine.start(4)
+    batch = next(batches("cls", 1))
+    model(**batch).loss.backward()
+    with pytest.raises(RuntimeError, match="one backward per step"):
+        model(**batch).loss.backward()
+
+
+@pytest.mark.parametrize(
+    "settings, config, needle",
+    [
+        ({"accumulation_steps": 4}, {}, "gradient_accumulation_steps=4"),
+        ({"max_grad_norm": 1.0}, {}, "max_grad_norm=1.0"),
+        ({"loss_scaling": True}, {}, "fp16 loss scaling"),
+        ({}, {"optimizer": "trainer"}, "optimizer='trainer'"),
+        ({}, {"method": "pafi"}, "method='pafi'"),
+    ],
+)
+def test_settings_it_cannot_handle_warn_and_fall_back(settings, config, needle):
+    engine = ID3Engine(tiny_bert(), ID3Config(budget=100, low_memory=True, **config))
+    with pytest.warns(UserWarning, match=needle):
+        assert not engine.configure_low_memory(**settings)
+    engine.start(4)
+    assert not engine.low_memory_active
+
+
+def test_fp16_loss_scale_is_refused_in_a_plain_loop():
+    model = tiny_bert()
+    engine = ID3Engine(model, ID3Config(budget=100, low_memory=True))
+    engine.start(4)
+    (model(**next(batches("cls", 1))).loss * 1024).backward()
+    with pytest.raises(ValueError, match="loss scaling"):
+        engine.step(grad_scale=1024.0)
+
+
+def train(tmp_path, low_memory: bool, **args):
+    model = tiny_bert()
+    callback = ID3Callback(ID3Config(budget=120, low_memory=low_memory))
+    trainer = ID3Trainer(
+        model=model,
+        args=training_args(tmp_path / str(low_memory), logging_steps=1, weight_decay=0.01, **args),
+        train_dataset=token_data(n=48),
+        callbacks=[callback],
+    )
+    trainer.train()
+    return trainer
+
+
+def test_through_the_trainer_same_weights_and_grad_norm(tmp_path):
+    std = train(tmp_path, low_memory=False, max_grad_norm=0.0)
+    low = train(tmp_path, low_memory=True, max_grad_norm=0.0)
+    assert low.engine.low_memory_active and not std.engine.low_memory_active
+    assert std.engine.unmasked.fingerprint() == low.engine.unmasked.fingerprint()
+    for a, b in zip(std.model.state_dict().values(), low.model.state_dict().values()):
+        assert torch.equal(a, b)
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (std, low)]
+    assert len(norms[0]) == len(norms[1]) == 6
+    # the same quantity, summed in another order (clip_grad_norm_ over dense masked gradients vs the
+    # engine over the kept values): equal up to float rounding
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    assert all(n > 0 for n in norms[1])
+
+
+def test_through_the_trainer_default_clipping_falls_back(tmp_path):
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0"):
+        trainer = train(tmp_path, low_memory=True)  # the Trainer's default max_grad_norm=1.0
+    assert not trainer.engine.low_memory_active
+    assert len(trainer.engine.unmasked) == trainer.engine.budget
+
+
+def test_through_the_trainer_accumulation_falls_back(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train(tmp_path, low_memory=True, max_grad_norm=0.0, gradient_accumulation_steps=2)
+    assert any("gradient_accumulation_steps=2" in str(w.message) for w in caught)
+    assert not trainer.engine.low_memory_active
+    assert len(trainer.engine.unmasked) == trainer.engine.budget
