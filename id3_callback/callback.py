@@ -61,6 +61,7 @@ class ID3Callback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.engine is not None:
             check_consistency(self.engine, "the end of training")
+            self.engine.remove_hooks()  # low-memory mode: later backwards (evaluation, analysis) keep p.grad
         if self.engine is not None and state.is_world_process_zero:
             e = self.engine
             logger.info(

@@ -141,6 +141,7 @@ class ID3Engine:
         # Each tensor's best score at the last step: scoring the likely winners first raises the top-k's
         # threshold early, so later chunks are dropped after one max (the result does not depend on order).
         self._peaks: dict[str, float] = {}
+        self._score_buffer: torch.Tensor | None = None  # D3 scratch (a few MiB), kept across steps
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         self._row_sparse = {
             n for n, p in selectable.items() if id(p) in embeddings and p.numel() >= ROW_SPARSE_MIN_ENTRIES
@@ -204,7 +205,7 @@ class ID3Engine:
         skipped. Returns False if a non-finite score was seen (fp16 overflow). The result equals scoring
         everything, concatenating and taking the top-k; see `TensorScorer` for the shortcuts.
         """
-        scorer = TensorScorer(score_fn, grad_scale)
+        scorer = TensorScorer(score_fn, grad_scale, buffer=self._score_buffer)
         pending: list[tuple[str, int, torch.Tensor]] = []
         small, big = [], []
         for name, p in self.unmasked.params.items():
@@ -218,6 +219,7 @@ class ID3Engine:
             self._push_tensor(top, scorer, name, grad, pending)
         self._push_skipped_rows(top, scorer, pending)
         top.offset = self.selectable
+        self._score_buffer = scorer.buffer
         return scorer.finite
 
     def _push_tensor(
@@ -378,10 +380,11 @@ class ID3Engine:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
 
     def remove_hooks(self) -> None:
-        """Uninstall the low-memory gradient hooks (the engine then runs in the standard mode)."""
+        """Uninstall the low-memory gradient hooks, so later backwards leave `p.grad` alone (the Trainer does
+        this at train end; `start` puts them back). Until then the engine runs in the standard mode."""
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self._pass, self.low_memory = [], None, False
+        self._hooks, self._pass = [], None
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
@@ -398,9 +401,8 @@ class ID3Engine:
             if self.schedule is None:
                 raise RuntimeError("call engine.start(total_steps) before the first backward.")
             k = self.schedule.target(self.steps_done + 1) - len(self.unmasked)
-            lm = self._pass = _LowMemoryPass(
-                k, StreamingTopK(k), TensorScorer(self._method_score_fn(), keep_grads=True)
-            )
+            scorer = TensorScorer(self._method_score_fn(), keep_grads=True, buffer=self._score_buffer)
+            lm = self._pass = _LowMemoryPass(k, StreamingTopK(k), scorer)
             self.unmasked.grad_stash.clear()
         if name in lm.seen:
             raise RuntimeError(
@@ -413,6 +415,9 @@ class ID3Engine:
             if p.numel() < SMALL_TENSOR:
                 lm.small.append((name, grad))  # small: kept until the end of backward, scored together
             else:
+                if lm.small and not lm.top.full:  # the head's small tensors first: they set the bar early
+                    self._push_small(lm.top, lm.scorer, lm.small)
+                    lm.small = []
                 self._push_tensor(lm.top, lm.scorer, name, grad, lm.pending)
         self.unmasked.grad_stash[name] = grad.reshape(-1)[self.unmasked.indices[name]]
         p.grad = None
@@ -422,6 +427,7 @@ class ID3Engine:
         lm, self._pass = self._pass, None
         if lm is None or k <= 0:
             return True
+        self._score_buffer = lm.scorer.buffer
         if k > lm.k:
             warnings.warn(f"low_memory: asked for {k} entries, backward kept {lm.k}.", stacklevel=2)
         self._push_small(lm.top, lm.scorer, lm.small)

@@ -1,8 +1,10 @@
 """Exact global top-k over many score tensors without ever concatenating them.
 
-Order: higher score first; among equal scores the lower *global* flat index wins (tensors in the order they
-are pushed, then flat position), so the result equals `torch.cat(all).topk(k)` with deterministic ties.
+Order: higher score first; among equal scores the lower *global* flat index wins (selectable tensors
+concatenated in registration order, then flat position), so the result equals `torch.cat(all).topk(k)` with
+deterministic ties, whatever order the chunks arrive in (each is pushed at its global offset).
 Scores of -inf mark ineligible entries (already unmasked, NaN/Inf gradients) and are never chosen.
+`TensorScorer` feeds it from gradients and weights with the fast paths measured in docs/performance.md.
 
 Memory: the running best-k buffer plus one chunk's candidates, O(k + chunk), independent of the total size.
 """
@@ -19,10 +21,10 @@ from .scores import d3_scores, d3_settings
 INELIGIBLE = float("-inf")
 # Score tensors are processed in slices of this many entries, so temporaries stay bounded for huge tensors.
 CHUNK = 1 << 22
-# D3 scores are computed this many entries at a time into one reused float32 buffer (1 MiB): the abs / add /
+# D3 scores are computed this many entries at a time into one reused float32 buffer (4 MiB): the abs / add /
 # div / max passes then run in cache, and no tensor-sized temporary is allocated (fresh large allocations
-# page-fault on every step). Smaller chunks cost more in per-call overhead than they save.
-SCORE_CHUNK = 1 << 18
+# page-fault on every step). Measured on 2 cores: 1M entries per chunk beat 256K and 64K (fewer op calls).
+SCORE_CHUNK = 1 << 20
 
 
 def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,9 +141,9 @@ class StreamingTopK:
         """Whether entries whose best score is `peak`, the lowest at global index `first`, can enter."""
         if not self.full:
             return True
-        kth = self.values[-1].item()
+        kth, kth_index = self._kth
         # A tie with the k-th value enters only with a lower global index than the k-th entry's.
-        return peak > kth or (peak == kth and first < int(self.index[-1]))
+        return peak > kth or (peak == kth and first < kth_index)
 
     def _candidates(self, part: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, chunk-local indices) of `part`'s entries that could enter the top-k; None if none can.
@@ -191,6 +193,8 @@ class StreamingTopK:
         elif self.payload is not None:
             raise ValueError("every push into a StreamingTopK holding payloads must carry a payload too")
         self.values, self.index = vals[order], idx[order]
+        if self.full:  # the k-th entry, as Python numbers: `can_improve` is asked once per chunk
+            self._kth = (self.values[-1].item(), int(self.index[-1]))
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, global indices), best first."""
@@ -223,8 +227,10 @@ def split_by_tensor(global_index: torch.Tensor, sizes: list[int]) -> list[torch.
     """Split sorted-or-not global indices into per-tensor sorted local indices."""
     global_index = torch.sort(global_index).values
     bounds = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
-    cuts = torch.searchsorted(global_index, bounds)
-    return [global_index[cuts[i] : cuts[i + 1]] - bounds[i] for i in range(len(sizes))]
+    cuts = torch.searchsorted(global_index, bounds).tolist()
+    empty = global_index[:0]
+    starts = bounds.tolist()
+    return [global_index[a:b] - o if b > a else empty for a, b, o in zip(cuts, cuts[1:], starts)]
 
 
 def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:
@@ -240,17 +246,8 @@ def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:
     if grad.dim() < 2 or not grad.is_contiguous() or grad.numel() == 0:
         return None
     rows = grad.reshape(grad.shape[0], -1)
-    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[grad.element_size()]
-    try:  # two float32 entries per int64 halve the work of the reduction
-        bits = (
-            rows.view(torch.int64)
-            if grad.element_size() == 4 and rows.shape[1] % 2 == 0
-            else rows.view(as_int)
-        )
-    except RuntimeError:  # odd storage offset
-        bits = rows.view(as_int)
-    low, high = torch.aminmax(bits, dim=1)
-    found = ((low != 0) | (high != 0)).nonzero().view(-1)
+    # A row is exactly +0.0 everywhere iff all its bytes are 0: one max over bytes, at memory speed.
+    found = rows.view(torch.uint8).amax(1).nonzero().view(-1)
     return found if found.numel() * 2 <= rows.shape[0] else None
 
 
@@ -273,14 +270,20 @@ class TensorScorer:
         [12, 10]
     """
 
-    def __init__(self, score_fn: Callable, grad_scale: float = 1.0, keep_grads: bool = False) -> None:
+    def __init__(
+        self,
+        score_fn: Callable,
+        grad_scale: float = 1.0,
+        keep_grads: bool = False,
+        buffer: torch.Tensor | None = None,
+    ) -> None:
         self.score_fn = score_fn
         self.d3 = d3_settings(score_fn)
         self.inv_scale = 1.0 / grad_scale
         self.keep_grads = keep_grads
         self.chunk = SCORE_CHUNK if self.d3 is not None else CHUNK
         self.finite = True
-        self._buffer: torch.Tensor | None = None
+        self.buffer = buffer  # float32 scratch for D3 scores, grown on demand; pass it on to reuse it
 
     @property
     def zero_grad_scores_zero(self) -> bool:
@@ -301,9 +304,9 @@ class TensorScorer:
             scores = self.score_fn(grad, weight)
         else:
             n = grad.numel()
-            if self._buffer is None or self._buffer.numel() < n or self._buffer.device != grad.device:
-                self._buffer = torch.empty(max(n, min(self.chunk, 1 << 16)), device=grad.device)
-            scores = d3_scores(grad, weight, *self.d3, out=self._buffer[:n])
+            if self.buffer is None or self.buffer.numel() < n or self.buffer.device != grad.device:
+                self.buffer = torch.empty(max(n, min(self.chunk, 1 << 16)), device=grad.device)
+            scores = d3_scores(grad, weight, *self.d3, out=self.buffer[:n])
         if self.inv_scale != 1.0:
             scores.mul_(self.inv_scale)
         peak = INELIGIBLE

@@ -93,9 +93,13 @@ class ID3TrainerMixin:
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
-        # Low-memory mode keeps the selectable gradients in the engine (p.grad is None): the Trainer's own
-        # norm over p.grad would miss them, so the engine computes it (O(B)).
-        if grad_norm is None and self.engine.low_memory_active:
+        # Without clipping the Trainer still takes the norm of every dense gradient each step (a pass over the
+        # whole model, mostly zeros after masking); the engine reads only unmasked entries (O(B)). In
+        # low-memory mode it must: the selectable gradients live in the engine, p.grad is None. Under fp16
+        # the Trainer's pass also unscales the gradients, so it is kept there.
+        scaler = getattr(self.accelerator, "scaler", None)
+        scaled = scaler is not None and scaler.is_enabled()
+        if grad_norm is None and (self.engine.low_memory_active or not scaled):
             return self.engine.grad_norm()
         return super()._get_grad_norm(model, grad_norm)
 

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,19 +293,24 @@ def truncate_prompt_text(tokenizer, text: str, max_tokens: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ report
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
+    from id3_callback.io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(path, write)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
+    from id3_callback.io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    atomic_write(path, write)
 
 
 def finish(trainer, output_dir: str, metrics: dict, headline: str) -> dict:

@@ -15,7 +15,6 @@ the reference's (local `gsm8k` evaluate module).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -153,12 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["eval_accuracy"] = accuracy
         metrics["eval_samples"] = len(eval_raw)
         if trainer.is_world_process_zero():
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            with open(os.path.join(training_args.output_dir, "generated_predictions.jsonl"), "w") as f:
-                f.writelines(
-                    json.dumps({"question": q, "prediction": p, "reference": r}) + "\n"
-                    for q, p, r in zip(eval_raw["question"], texts, references)
-                )
+            rows = [
+                {"question": q, "prediction": p, "reference": r}
+                for q, p, r in zip(eval_raw["question"], texts, references)
+            ]
+            _common.write_jsonl_atomic(
+                os.path.join(training_args.output_dir, "generated_predictions.jsonl"), rows
+            )
     return _common.finish(trainer, training_args.output_dir, metrics, "GSM8K results")
 
 

@@ -16,7 +16,6 @@ summary tokens only, and are scored by greedy (or beam) generation from left-pad
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -178,9 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["eval_samples"] = len(eval_raw)
         if trainer.is_world_process_zero():
             rows = [{"prediction": p, "reference": r} for p, r in zip(texts, references)]
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            with open(os.path.join(training_args.output_dir, "generated_predictions.jsonl"), "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+            _common.write_jsonl_atomic(
+                os.path.join(training_args.output_dir, "generated_predictions.jsonl"), rows
+            )
     return _common.finish(trainer, training_args.output_dir, metrics, "summarization results (ROUGE x100)")
 
 

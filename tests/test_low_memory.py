@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, token_data, training_args
+from transformers import TrainerCallback
 
 import id3_callback.engine as engine_mod
 import id3_callback.selection as sel
@@ -123,6 +124,16 @@ def test_dense_gradient_is_freed_and_the_unmasked_values_are_kept():
     assert torch.allclose(norm.double(), want, rtol=1e-5)
 
 
+def test_engine_norm_equals_the_trainers_pass_over_masked_gradients():
+    model = tiny_bert()
+    engine = ID3Engine(model, ID3Config(budget=100, dense="classifier"))
+    engine.start(4)
+    model(**next(batches("cls", 1))).loss.backward()
+    engine.step()
+    want = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    assert torch.allclose(engine.grad_norm(), want, rtol=1e-5)
+
+
 def test_a_second_backward_before_step_is_refused():
     model = tiny_bert()
     engine = ID3Engine(model, ID3Config(budget=100, low_memory=True))
@@ -160,30 +171,48 @@ def test_fp16_loss_scale_is_refused_in_a_plain_loop():
         engine.step(grad_scale=1024.0)
 
 
+class GradsBeforeOptimizer(TrainerCallback):
+    """Records, just before each optimizer step, how many selectable tensors still hold a dense gradient."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.engine = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.counts.append(sum(p.grad is not None for p in self.engine.unmasked.params.values()))
+
+
 def train(tmp_path, low_memory: bool, **args):
     model = tiny_bert()
     callback = ID3Callback(ID3Config(budget=120, low_memory=low_memory))
+    probe = GradsBeforeOptimizer()
     trainer = ID3Trainer(
         model=model,
         args=training_args(tmp_path / str(low_memory), logging_steps=1, weight_decay=0.01, **args),
         train_dataset=token_data(n=48),
-        callbacks=[callback],
+        callbacks=[callback, probe],
     )
+    probe.engine = trainer.engine
     trainer.train()
+    trainer.grads_before_optimizer = probe.counts
     return trainer
 
 
 def test_through_the_trainer_same_weights_and_grad_norm(tmp_path):
     std = train(tmp_path, low_memory=False, max_grad_norm=0.0)
     low = train(tmp_path, low_memory=True, max_grad_norm=0.0)
-    assert low.engine.low_memory_active and not std.engine.low_memory_active
+    assert low.engine.low_memory and not std.engine.low_memory
     assert std.engine.unmasked.fingerprint() == low.engine.unmasked.fingerprint()
     for a, b in zip(std.model.state_dict().values(), low.model.state_dict().values()):
         assert torch.equal(a, b)
+    assert min(std.grads_before_optimizer) > 0 and max(low.grads_before_optimizer) == 0
+    # hooks go at train end: a later backward keeps its gradients
+    assert not low.engine.low_memory_active
+    low.model(**next(batches("cls", 1))).loss.backward()
+    assert all(p.grad is not None for p in low.model.parameters())
     norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (std, low)]
     assert len(norms[0]) == len(norms[1]) == 6
-    # the same quantity, summed in another order (clip_grad_norm_ over dense masked gradients vs the
-    # engine over the kept values): equal up to float rounding
+    # the same quantity from dense masked gradients vs kept values: equal up to float rounding
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     assert all(n > 0 for n in norms[1])
 

@@ -184,3 +184,13 @@ def test_exact_signed_rank_p_matches_scipy_without_ties():
     diffs = [0.3, -1.1, 2.5, 0.7, -0.2, 1.9, 3.3, -0.05, 1.25]
     assert report.wilcoxon(diffs) == pytest.approx(wilcoxon(diffs, method="exact").pvalue)
     assert report.wilcoxon(diffs + [0.0]) == pytest.approx(report.wilcoxon(diffs))  # zeros are dropped
+
+
+def test_expected_run_time_falls_back_to_other_methods():
+    records = [
+        fake_record(run, 70.0) | {"runtime_s": t}
+        for run, t in zip(study.lr_plan(PROTOCOL, ["full"]), (50, 80, 60))
+    ]
+    assert study.expected_seconds(records, "full", PROTOCOL) == 80
+    assert study.expected_seconds(records, "static", PROTOCOL) == 80  # not run yet: the others' longest
+    assert study.expected_seconds([], "static", PROTOCOL) == 90.0

@@ -227,14 +227,10 @@ def _comparison_row(name: str, c: dict) -> list[str]:
 
 
 def update_rows(records: list[dict]) -> tuple[str, dict[float, float]]:
-    """Σ_t |unmasked_t| per method and budget (main phase), and ID3's ratio to the static-S mask."""
+    """Σ_t |unmasked_t| per method and budget (all phases), and ID3's ratio to the static-S mask."""
     acc: dict = defaultdict(list)
     for r in records:
-        if (
-            r.get("phase") == "main"
-            and r.get("updates_selectable") is not None
-            and r.get("budget") is not None
-        ):
+        if r.get("updates_selectable") is not None and r.get("budget") is not None:
             acc[(r["method"], r["budget"])].append(r)
     ratios, rows = {}, []
     for budget in study.BUDGETS:
@@ -408,7 +404,10 @@ def plot_budget(scores: dict, path: Path, partial: bool) -> None:
     ax.set_xlabel("budget (fraction of the model's parameters)")
     ax.set_ylabel("average dev score over the tasks present")
     ax.set_title("MiniLM-L6 on GLUE: score vs budget" + (" (PARTIAL)" if partial else ""))
-    ax.legend(fontsize=8, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no main-phase runs yet", ha="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
@@ -421,11 +420,7 @@ def plot_updates(records: list[dict], path: Path, partial: bool) -> None:
 
     acc: dict = defaultdict(list)
     for r in records:
-        if (
-            r.get("phase") == "main"
-            and r.get("updates_selectable") is not None
-            and r.get("budget") is not None
-        ):
+        if r.get("updates_selectable") is not None and r.get("budget") is not None:
             acc[(r["method"], r["budget"])].append(r["updates_selectable"])
     methods = [
         m for m, s in study.METHODS.items() if s.budgeted and any((m, b) in acc for b in study.BUDGETS)
@@ -438,7 +433,10 @@ def plot_updates(records: list[dict], path: Path, partial: bool) -> None:
     ax.set_xticks([j + width / 2 for j in range(len(methods))], methods, rotation=30)
     ax.set_ylabel("Σ_t |unmasked_t| (parameter updates)")
     ax.set_title("Parameter updates over training" + (" (PARTIAL)" if partial else ""))
-    ax.legend()
+    if methods:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no main-phase runs yet", ha="center", transform=ax.transAxes)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
@@ -450,6 +448,7 @@ def _save(fig, path: Path) -> None:
     try:
         fig.tight_layout()
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are repository files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -562,7 +561,7 @@ def write_report(
         f"## Progress\n\n{progress_md}",
         "## What agrees with the paper and what does not\n\nJudged only on the runs present; 'significant' means "
         f"a paired two-sided Wilcoxon signed-rank test over (task, seed) pairs with p < {ALPHA}. The paper's "
-        "numbers are for DeBERTa-v3-base (184M parameters, full GLUE, many epochs): only the direction and "
+        "numbers are for DeBERTa-v3-base (184M parameters) under its own, much longer training: only the direction and "
         "rough size of the gaps can be compared.\n\n" + claims(scores, comparisons, ratios),
         "## Dev scores (mean ± std over seeds)\n\n"
         + "\n\n".join(f"### Budget {budget_label(b)}\n\n{results_table(scores, b)}" for b in study.BUDGETS)
@@ -571,8 +570,11 @@ def write_report(
         f"![score vs budget]({rel(budget_png, out.parent)})",
         "## Paired tests: ID3 against each baseline\n\n" + "\n\n".join(wilcoxon_md),
         "## Parameter updates\n\n`Σ_t |unmasked_t|` over the training steps, counted by the engine (official "
-        "package: its masks after each step). A static mask of B entries makes T·B updates; ID3's uniform "
-        "schedule makes about T·B/2.\n\n" + updates_md + f"\n\n![updates]({rel(updates_png, out.parent)})",
+        "package: its masks after each step), over the runs of every phase (the count depends only on the "
+        "method, the budget and T, not on the data). A static mask of B entries makes T·B updates; ID3's "
+        "uniform schedule makes about B·(T+1)/2, a ratio of (T+1)/2T (0.505 at T=100).\n\n"
+        + updates_md
+        + f"\n\n![updates]({rel(updates_png, out.parent)})",
         f"## Learning-rate selection (held-out 10% of {study.LR_TASK.upper()} training data)\n\n"
         + lr_table(good, protocol or ""),
         f"## Sensitivity: ID3's eps × exp on {study.SENS_TASK.upper()} dev, budget {budget_label(study.LR_BUDGET)}, "
@@ -584,6 +586,7 @@ def write_report(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=out.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     return text
 

@@ -684,9 +684,9 @@ def _rss_mb() -> float:
 
 # ------------------------------------------------------------------------------------------------ driver
 def expected_seconds(records: list[dict], method: str, protocol: Protocol, default: float = 90.0) -> float:
-    times = [
-        r["runtime_s"] for r in records if r.get("method") == method and r.get("protocol") == protocol.name
-    ]
+    """The longest of the method's last 5 run times; for a method not run yet, of any method's last 5."""
+    mine = [r for r in records if r.get("protocol") == protocol.name and r.get("runtime_s")]
+    times = [r["runtime_s"] for r in mine if r.get("method") == method] or [r["runtime_s"] for r in mine]
     return max(times[-5:]) if times else default
 
 

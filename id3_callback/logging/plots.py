@@ -15,12 +15,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import TrainerCallback
+
+from ..io import atomic_write
 
 if TYPE_CHECKING:
     from ..callback import ID3Callback
@@ -160,10 +161,16 @@ def heatmap_figure(grid: DensityGrid, title: str = "ID3 mask density"):
 
     density = grid.density
     n_rows, n_cols = density.shape
-    longest = max((len(c) for c in grid.columns), default=10)
-    width = min(5.0 + 0.5 * n_cols, 40.0)
-    height = min(1.6 + 0.06 * longest + 0.36 * max(n_rows, 4), 40.0)  # room for the slanted labels
+    # Margins in inches from the label lengths: tight_layout would cost a second full draw.
+    left = 0.7 + 0.065 * max((len(r) for r in grid.rows), default=8)
+    bottom = 0.75 + 0.046 * max((len(c) for c in grid.columns), default=8)  # labels slanted at 60 degrees
+    top, right = 0.65, 0.6
+    width = min(left + right + max(0.5 * n_cols, 3.0), 40.0)
+    height = min(top + bottom + 0.36 * max(n_rows, 3), 40.0)
     fig = Figure(figsize=(width, height), dpi=110)
+    fig.subplots_adjust(
+        left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height
+    )
     ax = fig.add_subplot(1, 1, 1)
     positive = density[np.isfinite(density) & (density > 0)]
     cmap = colormaps["viridis"].with_extremes(bad="#d9d9d9", under="white")
@@ -196,10 +203,9 @@ def heatmap_figure(grid: DensityGrid, title: str = "ID3 mask density"):
                 text = "0" if d == 0 else _percent(d)
                 dark = d > 0 and norm(d) < 0.6
                 ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
-    bar = fig.colorbar(image, ax=ax, extend="min", fraction=0.04, pad=0.02)
+    bar = fig.colorbar(image, ax=ax, extend="min", fraction=0.25 / width, pad=0.12 / width)
     bar.set_label(f"fraction unmasked ({scale})", fontsize=8)
     fig.text(0.01, 0.01, "white: 0 unmasked   grey: no such tensor", fontsize=7, color="#555555")
-    fig.tight_layout()
     return fig
 
 
@@ -235,19 +241,12 @@ def save_heatmap(engine: ID3Engine, path: str | os.PathLike, step: int | None = 
     """
     fig = heatmap_figure(density_grid(tensor_counts(engine)), heatmap_title(engine, step))
     data = figure_png(fig)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def matplotlib_available() -> bool:

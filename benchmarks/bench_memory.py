@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Peak memory of training steps: full fine-tuning, LoRA, ID3 (standard and low-memory), official ID3.
+
+    python benchmarks/bench_memory.py          # writes benchmarks/results/memory.json + memory.md
+
+Setting (the issue's): SmolLM2-135M-Instruct dequantized to fp32 from the packaged GGUF, causal-LM
+batches of 2 x 256 tokens of real XSum articles, CPU, 2 threads. Each variant runs in its own fresh
+process, one after the other: load the model, build the optimizer (ID3: half the budget already
+unmasked, as mid-training), hand freed heap back to the OS, restart the kernel's peak-RSS counter
+(`/proc/self/clear_refs`), then train a few steps and read the peak (VmHWM). That peak is what the
+training steps need on top of nothing: weights, activations, gradients, optimizer state, temporaries,
+and the Python/torch runtime. The peak of the whole process (`ru_maxrss`, including loading) is reported
+too. On a GPU the script reports `torch.cuda.max_memory_allocated` over the same steps instead.
+
+The official ID3 (`selective-optimizers` 0.4) is measured when importable: `pip install --no-deps
+--target /tmp/so-site selective-optimizers==0.4` and PYTHONPATH=/tmp/so-site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchutil  # noqa: E402
+from official import make_official_id3, official_available  # noqa: E402
+
+from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
+
+VARIANTS = ("full", "lora", "id3", "id3_low_memory", "official")
+
+
+def child(args) -> dict:
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    model, tokenizer = benchutil.smollm()
+    model.config.use_cache = False
+    batches = benchutil.xsum_batches(tokenizer, args.steps + 1, args.batch, args.seq)
+    if cuda:
+        model.cuda()
+        batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
+    model.train()
+    total = sum(p.numel() for p in model.parameters())
+    budget = max(1, round(args.budget * total))
+    engine = None
+    name = args.child
+    if name == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
+    elif name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, config)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True)
+    elif name in ("id3", "id3_low_memory"):
+        start_at = args.total_steps // 2
+        # Mid-training set: half the budget, chosen by D3 on a warm-up batch (before the hooks go in).
+        probe = ID3Engine(model, ID3Config(budget=args.budget))
+        probe.start(args.total_steps)
+        model(**batches[0]).loss.backward()
+        probe.select_top(probe.schedule.target(start_at), probe.method.score_fn())
+        model.zero_grad(set_to_none=True)
+        engine = ID3Engine(model, ID3Config(budget=args.budget, low_memory=name == "id3_low_memory"))
+        engine.start(args.total_steps)
+        engine.unmasked.load_state_dict(probe.unmasked.state_dict())
+        engine.steps_done = start_at
+        del probe
+        opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=args.lr)
+    elif name == "official":
+        if not official_available():
+            return {"skipped": "selective_optimizers not importable"}
+        opt = make_official_id3(model, budget=budget, total_steps=args.total_steps, lr=args.lr)
+    else:
+        raise SystemExit(f"unknown variant {name!r}")
+
+    benchutil.trim_heap()
+    baseline = benchutil.rss_mb()
+    reset_ok = benchutil.reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated() / 2**20
+    t0 = time.perf_counter()
+    losses = []
+    for batch in batches[1:]:
+        loss = model(**batch).loss
+        loss.backward()
+        if engine is not None:
+            engine.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    seconds = time.perf_counter() - t0
+    out = {
+        "variant": name,
+        "peak_rss_mb": benchutil.peak_rss_mb(),
+        "rss_after_setup_mb": baseline,
+        "peak_reset_ok": reset_ok,
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds_per_step": seconds / args.steps,
+        "losses": losses,
+        "trainable_or_budget": budget if engine is not None or name == "official" else None,
+    }
+    if name == "lora":
+        out["trainable_or_budget"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if engine is not None:
+        out["unmasked"] = len(engine.unmasked)
+        out["optimizer_state_mb"] = opt.state_bytes() / 2**20
+        out["low_memory_active"] = engine.low_memory_active
+    if cuda:
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["cuda_after_setup_mb"] = cuda_base
+    return out
+
+
+def parent(args) -> dict:
+    results = {}
+    for name in args.variants.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
+        cmd += ["--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)]
+        cmd += ["--seq", str(args.seq), "--budget", str(args.budget), "--total-steps", str(args.total_steps)]
+        print(f"[memory] {name} ...", flush=True)
+        env = dict(os.environ)
+        if args.mmap_threshold:  # fixed glibc threshold: freed blocks go back to the OS, RSS = live memory
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results[name] = {
+                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+            }
+            continue
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        results[name] = json.loads(line[len("RESULT ") :])
+        print(f"[memory] {name}: {json.dumps(results[name])}", flush=True)
+    lora = results.get("lora", {}).get("peak_rss_mb")
+    for row in results.values():
+        if lora and "peak_rss_mb" in row:
+            row["vs_lora"] = row["peak_rss_mb"] / lora
+    return {
+        "benchmark": "memory",
+        "setting": {
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+            "data": "XSum train articles, causal LM",
+            "batch": args.batch,
+            "seq": args.seq,
+            "budget_fraction": args.budget,
+            "total_steps": args.total_steps,
+            "steps": args.steps,
+            "threads": args.threads,
+            "malloc_mmap_threshold": args.mmap_threshold or "glibc default (dynamic)",
+        },
+        "machine": benchutil.machine(),
+        "variants": results,
+    }
+
+
+def markdown(result: dict) -> str:
+    rows = []
+    for name, r in result["variants"].items():
+        if "peak_rss_mb" not in r:
+            rows.append([name, None, None, None, None, r.get("skipped") or r.get("error")])
+            continue
+        rows.append(
+            [
+                name,
+                r["peak_rss_mb"],
+                r.get("vs_lora"),
+                r["rss_after_setup_mb"],
+                r["process_max_rss_mb"],
+                f"{r['seconds_per_step']:.1f} s/step",
+            ]
+        )
+    s = result["setting"]
+    text = (
+        f"Peak memory of {s['steps']} training steps, {s['model']}, batch {s['batch']} x {s['seq']}, "
+        f"budget {100 * s['budget_fraction']:.2f}%, {s['threads']} threads, one fresh process per variant "
+        f"({result['machine']['date']}, {result['machine']['cpu']}).\n\n"
+    )
+    if s.get("malloc_mmap_threshold") != "glibc default (dynamic)":
+        text += f"MALLOC_MMAP_THRESHOLD_={s['malloc_mmap_threshold']} for every variant.\n\n"
+    text += benchutil.markdown_table(
+        [
+            "variant",
+            "peak RSS MiB (training)",
+            "x LoRA",
+            "RSS after setup MiB",
+            "process max RSS MiB",
+            "note",
+        ],
+        rows,
+    )
+    if any("cuda_peak_mb" in r for r in result["variants"].values()):
+        text += "\nGPU: " + ", ".join(
+            f"{n} {r['cuda_peak_mb']:.0f} MiB" for n, r in result["variants"].items() if "cuda_peak_mb" in r
+        )
+    return text
+
+
+def main(argv=None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--budget", type=float, default=0.0017)
+    parser.add_argument("--total-steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="set MALLOC_MMAP_THRESHOLD_ for every variant (e.g. 131072): glibc then returns freed blocks at "
+        "once instead of keeping them in the heap, so peak RSS tracks live memory (default: glibc's own)",
+    )
+    parser.add_argument("--out", default=str(benchutil.RESULTS / "memory.json"))
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return None
+    result = parent(args)
+    benchutil.write_json(result, benchutil.Path(args.out))
+    md = markdown(result)
+    benchutil.write_text(md, benchutil.Path(args.out).with_suffix(".md"))
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
