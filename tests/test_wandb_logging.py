@@ -154,3 +154,15 @@ def test_wandb_offline_run_has_heatmaps_tables_histograms_and_delta(tmp_path, mo
         assert key in log, key
     assert (Path(args.output_dir) / "delta.safetensors").exists()
     assert (Path(args.output_dir) / "mask_density.png").exists()
+
+
+def test_tensor_counts_see_fully_unmasked_tensors():
+    from conftest import MLP
+
+    from id3_callback.logging.plots import tensor_counts
+
+    engine = ID3Engine(MLP(), ID3Config(method="full"))
+    engine.start(1)
+    records = tensor_counts(engine)
+    assert sum(r["unmasked"] for r in records) == engine.selectable == 195
+    assert all(r["density"] == 1.0 for r in records)

@@ -61,10 +61,11 @@ def tensor_counts(engine: ID3Engine) -> list[dict]:
     """
     records = []
     unmasked = engine.unmasked
+    selected = unmasked.per_tensor_counts()  # counts a fully unmasked tensor ('full') without an index list
     for kind, tensors in (("selected", unmasked.params), ("dense", unmasked.dense)):
         for name, p in tensors.items():
             stack, layer, module = parse_param_name(name)
-            count = unmasked.indices[name].numel() if kind == "selected" else p.numel()
+            count = selected[name] if kind == "selected" else p.numel()
             records.append(
                 {
                     "name": name,
