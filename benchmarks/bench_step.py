@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--total-steps", type=int, default=1000, help="schedule length T (u_t = B/T per step)"
     )
-    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--breakdown-steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-5)

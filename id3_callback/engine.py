@@ -388,6 +388,8 @@ class ID3Engine:
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
+            if not torch.is_grad_enabled():  # the usual case inside backward: skip the context manager
+                return self._on_grad_ready(name, p)
             with torch.no_grad():
                 self._on_grad_ready(name, p)
 
@@ -419,7 +421,8 @@ class ID3Engine:
                     self._push_small(lm.top, lm.scorer, lm.small)
                     lm.small = []
                 self._push_tensor(lm.top, lm.scorer, name, grad, lm.pending)
-        self.unmasked.grad_stash[name] = grad.reshape(-1)[self.unmasked.indices[name]]
+        idx = self.unmasked.indices[name]
+        self.unmasked.grad_stash[name] = grad.reshape(-1)[idx] if idx.numel() else grad.new_empty(0)
         p.grad = None
 
     def _finish_low_memory_pass(self, k: int) -> bool:

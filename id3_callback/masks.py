@@ -150,6 +150,7 @@ class UnmaskedSet:
     @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradients of masked entries; tensors with nothing unmasked get `grad = None`."""
+        masked = []
         for name, p in self.params.items():
             if p.grad is None or name in self.full:
                 continue
@@ -158,9 +159,11 @@ class UnmaskedSet:
                 p.grad = None
             elif idx.numel() < p.numel():
                 flat = p.grad.view(-1)
-                kept = flat[idx]
-                flat.zero_()
-                flat[idx] = kept
+                masked.append((flat, idx, flat[idx]))
+        if masked:  # one zeroing call for all tensors, then the kept values back
+            torch._foreach_zero_([flat for flat, _, _ in masked])
+            for flat, idx, kept in masked:
+                flat.index_copy_(0, idx, kept)
 
     def sorted_indices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat indices, base values in that order) of tensor `name`."""

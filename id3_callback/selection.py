@@ -107,6 +107,7 @@ class StreamingTopK:
         offset: int | None = None,
         index: torch.Tensor | None = None,
         payload: torch.Tensor | None = None,
+        peak: float | None = None,
     ) -> None:
         """Consider `scores.numel()` more entries (any shape; flattened; NaN-free, -inf = ineligible).
 
@@ -114,7 +115,8 @@ class StreamingTopK:
         `self.offset` advances); `offset` places them at [offset, offset + n) instead, and `index` gives
         each one's global index explicitly (ascending). Either way the result is the same as pushing all
         entries in global order, so tensors may arrive in any order (e.g. as backward completes them).
-        `payload` (same size) is carried along with the kept entries; see `result_payload`.
+        `payload` (same size) is carried along with the kept entries; see `result_payload`. `peak`, an
+        upper bound of the scores if the caller knows one, saves a pass when `scores` fits in one chunk.
         """
         flat = scores.reshape(-1)
         n = flat.numel()
@@ -127,7 +129,7 @@ class StreamingTopK:
             for start in range(0, n, CHUNK):
                 part = flat[start : start + CHUNK]
                 first = base + start if index is None else int(index[start])
-                found = self._candidates(part, first)
+                found = self._candidates(part, first, peak if n <= CHUNK else None)
                 if found is None:
                     continue
                 vals, idx = found
@@ -145,14 +147,17 @@ class StreamingTopK:
         # A tie with the k-th value enters only with a lower global index than the k-th entry's.
         return peak > kth or (peak == kth and first < kth_index)
 
-    def _candidates(self, part: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _candidates(
+        self, part: torch.Tensor, first: int, peak: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, chunk-local indices) of `part`'s entries that could enter the top-k; None if none can.
 
-        `first` is the global index of `part[0]` (indices ascend within `part`).
+        `first` is the global index of `part[0]` (indices ascend within `part`); `peak` bounds its values.
         """
         if not self.full:
             return _chunk_topk(part, self.k)
-        peak = part.max().item()
+        if peak is None:
+            peak = part.max().item()
         if not self.can_improve(peak, first):
             return None
         kth = self.values[-1]
@@ -283,6 +288,11 @@ class TensorScorer:
         self.keep_grads = keep_grads
         self.chunk = SCORE_CHUNK if self.d3 is not None else CHUNK
         self.finite = True
+        if self.d3 is not None:
+            # Scores are computed in float32 against eps rounded to float32; the slack covers the roundings
+            # of the computed score (division, pow, loss-scale product), so the bound is never too low.
+            eps32, exp = torch.tensor(self.d3[0], dtype=torch.float32).item(), self.d3[1]
+            self.bound_factor = self.inv_scale * (1 + 1e-5) / (eps32**exp if exp else 1.0)
         self.buffer = buffer  # float32 scratch for D3 scores, grown on demand; pass it on to reuse it
 
     @property
@@ -300,6 +310,14 @@ class TensorScorer:
         index: torch.Tensor | None = None,
     ) -> float:
         """Score one chunk and push it; `excluded` holds chunk-local positions to make ineligible."""
+        if self.d3 is not None and top.full:
+            # (|theta| + eps)^exp >= eps^exp, so no D3 score beats max|g| / eps^exp. When that bound is below
+            # the k-th best, one read of the gradient settles the chunk: no weight read, no score written.
+            # (A NaN weight with a finite gradient then goes unnoticed; it could never be chosen anyway.)
+            low, high = torch.aminmax(grad)
+            high, low = high.item() * self.bound_factor, -low.item() * self.bound_factor
+            if high < top._kth[0] and low < top._kth[0]:  # False for NaN: then the chunk is scored
+                return max(high, low)
         if self.d3 is None:
             scores = self.score_fn(grad, weight)
         else:
@@ -324,7 +342,8 @@ class TensorScorer:
             torch.nan_to_num_(scores, nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE)
         if excluded is not None:
             scores.index_fill_(0, excluded, INELIGIBLE)
-        top.push(scores, offset=offset, index=index, payload=grad if self.keep_grads else None)
+        known = peak if self.d3 is not None and clean else None  # before exclusion: an upper bound
+        top.push(scores, offset=offset, index=index, payload=grad if self.keep_grads else None, peak=known)
         return peak
 
     def _chunks(self, lo: int, hi: int, excluded: torch.Tensor):
@@ -353,6 +372,8 @@ class TensorScorer:
         """Push flat entries [lo, hi) of one tensor that starts at global `offset`; `grad=None`: zeros."""
         g = None if grad is None else grad.detach().reshape(-1)
         w = weight.detach().reshape(-1)
+        if g is not None and lo == 0 and hi is None and w.numel() <= self.chunk:  # one chunk: no bookkeeping
+            return self._push_chunk(top, g, w, excluded if excluded.numel() else None, offset=offset)
         peak = INELIGIBLE
         for start, stop, local in self._chunks(lo, w.numel() if hi is None else hi, excluded):
             gc = g[start:stop] if g is not None else torch.zeros(stop - start, dtype=w.dtype, device=w.device)

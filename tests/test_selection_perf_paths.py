@@ -187,6 +187,35 @@ def test_tensor_scorer_paths_equal_brute_force(seed, mode, monkeypatch):
         assert not scorer.finite  # t4 holds a NaN gradient
 
 
+@pytest.mark.parametrize("exp", [0.0, 1.0, 2.0])
+def test_gradient_bound_never_drops_a_tie_with_the_kth_score(exp):
+    """A zero weight scores exactly |g| / eps^exp, the bound itself: such a chunk must still be scored."""
+    eps = 1e-3
+    score = partial(d3_scores, eps=eps, exp=exp)
+    top, scorer = StreamingTopK(2), TensorScorer(score)
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    scorer.push_flat(top, ones, zeros, offset=10, excluded=torch.empty(0, dtype=torch.long))
+    assert top.full
+    g = torch.tensor([0.0, 1.0, 0.0])  # ties the k-th score, at a lower global index
+    scorer.push_flat(top, g, torch.zeros(3), offset=0, excluded=torch.empty(0, dtype=torch.long))
+    assert top.result()[1].tolist() == [1, 10]
+
+
+def test_gradient_bound_skips_chunks_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(sel, "SCORE_CHUNK", 50)
+    calls = []
+    monkeypatch.setattr(sel, "d3_scores", lambda *a, **kw: calls.append(1) or d3_scores(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(2000, generator=g) * 1e-6  # tiny gradients: |g| / eps far below the winners
+    grad[[3, 10, 1999]] = torch.tensor([0.5, -0.7, 0.6])  # two winners in the first chunk set the bar
+    weight = torch.randn(2000, generator=g) * 0.05
+    top, scorer = StreamingTopK(2), TensorScorer(partial(d3_scores, eps=1e-3, exp=1.0))
+    scorer.push_flat(top, grad, weight, offset=0, excluded=torch.empty(0, dtype=torch.long))
+    want = brute_force_global([d3_scores(grad, weight)], 2)
+    assert torch.equal(top.result()[1], want)
+    assert len(calls) < 2000 // 50 // 2  # most chunks were settled by the gradient bound alone
+
+
 # ----------------------------------------------------------------------------------------------- engine
 
 
