@@ -39,7 +39,7 @@ from official import make_official_id3, official_available  # noqa: E402
 
 from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
 
-VARIANTS = ("full", "lora", "id3", "id3_low_memory", "official")
+VARIANTS = ("full", "lora", "id3", "id3_low_memory", "grad_floor", "official")
 
 
 def child(args) -> dict:
@@ -80,6 +80,13 @@ def child(args) -> dict:
         engine.steps_done = start_at
         del probe
         opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=args.lr)
+    elif name == "grad_floor":
+        # The floor of any method that needs every weight's gradient (ID3, FISH, ...): backward computes
+        # each gradient and a hook drops it at once; no scoring, no optimizer. What remains is activations
+        # saved for the weight gradients plus autograd's own transients.
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        opt = None
     elif name == "official":
         if not official_available():
             return {"skipped": "selective_optimizers not importable"}
@@ -101,8 +108,9 @@ def child(args) -> dict:
         loss.backward()
         if engine is not None:
             engine.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
     out = {
@@ -148,9 +156,12 @@ def parent(args) -> dict:
         results[name] = json.loads(line[len("RESULT ") :])
         print(f"[memory] {name}: {json.dumps(results[name])}", flush=True)
     lora = results.get("lora", {}).get("peak_rss_mb")
+    floor = results.get("grad_floor", {}).get("peak_rss_mb")
     for row in results.values():
         if lora and "peak_rss_mb" in row:
             row["vs_lora"] = row["peak_rss_mb"] / lora
+        if floor and "peak_rss_mb" in row:
+            row["vs_grad_floor_mb"] = row["peak_rss_mb"] - floor
     return {
         "benchmark": "memory",
         "setting": {
@@ -173,13 +184,14 @@ def markdown(result: dict) -> str:
     rows = []
     for name, r in result["variants"].items():
         if "peak_rss_mb" not in r:
-            rows.append([name, None, None, None, None, r.get("skipped") or r.get("error")])
+            rows.append([name, None, None, None, None, None, r.get("skipped") or r.get("error")])
             continue
         rows.append(
             [
                 name,
                 r["peak_rss_mb"],
                 r.get("vs_lora"),
+                r.get("vs_grad_floor_mb"),
                 r["rss_after_setup_mb"],
                 r["process_max_rss_mb"],
                 f"{r['seconds_per_step']:.1f} s/step",
@@ -198,12 +210,18 @@ def markdown(result: dict) -> str:
             "variant",
             "peak RSS MiB (training)",
             "x LoRA",
+            "- grad_floor MiB",
             "RSS after setup MiB",
             "process max RSS MiB",
             "note",
         ],
         rows,
     )
+    if "grad_floor" in result["variants"]:
+        text += (
+            "\ngrad_floor: every weight's gradient is computed and dropped at once by a hook (no scoring, no "
+            "optimizer): the least any method that reads every gradient (ID3, FISH) can need.\n"
+        )
     if any("cuda_peak_mb" in r for r in result["variants"].values()):
         text += "\nGPU: " + ", ".join(
             f"{n} {r['cuda_peak_mb']:.0f} MiB" for n, r in result["variants"].items() if "cuda_peak_mb" in r

@@ -38,7 +38,8 @@ import importlib
 import importlib.util
 import io
 import warnings
-from typing import Any, Dict, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -70,8 +71,9 @@ class OfficialID3:
     LR schedulers and with the official ``get_summary`` / ``post_train_work`` helpers.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params, total_steps: int, budget: int,
-                 fix_step_counter: bool) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params, total_steps: int, budget: int, fix_step_counter: bool
+    ) -> None:
         self.optimizer = optimizer
         self.params = list(params)
         self.total_steps = int(total_steps)
@@ -92,7 +94,9 @@ class OfficialID3:
             warnings.warn(
                 f"official ID3: step {self.steps_taken + 1} > total_steps={self.total_steps}; the official "
                 "optimizer keeps unmasking entries past its schedule, so the budget will be exceeded",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self._warned_overrun = True
         for p in self.params:  # the official step dereferences .grad of every trainable tensor
             if p.grad is None:
@@ -120,9 +124,18 @@ class OfficialID3:
         return total
 
 
-def make_official_id3(model: torch.nn.Module, budget: int, total_steps: int, lr: float,
-                      weight_decay: float = 0.0, eps: float = 1e-3, exp: float = 1.0, *,
-                      fused: bool = True, fix_step_counter: bool = True) -> OfficialID3:
+def make_official_id3(
+    model: torch.nn.Module,
+    budget: int,
+    total_steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    eps: float = 1e-3,
+    exp: float = 1.0,
+    *,
+    fused: bool = True,
+    fix_step_counter: bool = True,
+) -> OfficialID3:
     """Build the official ID3 optimizer (AdamW base) for a plain PyTorch training loop.
 
     Every trainable parameter of ``model`` goes into one group, all entries selectable (no
@@ -133,8 +146,10 @@ def make_official_id3(model: torch.nn.Module, budget: int, total_steps: int, lr:
     step when every parameter is a floating tensor on CPU or CUDA.
     """
     if not official_available():
-        raise ImportError("selective_optimizers (the official ID3 toolkit) is not importable; "
-                          "install it with `pip install --no-deps selective-optimizers==0.4`")
+        raise ImportError(
+            "selective_optimizers (the official ID3 toolkit) is not importable; "
+            "install it with `pip install --no-deps selective-optimizers==0.4`"
+        )
     wrap = importlib.import_module("selective_optimizers.wrap")
     budget, total_steps = int(budget), int(total_steps)
     if total_steps <= 0:
@@ -145,8 +160,9 @@ def make_official_id3(model: torch.nn.Module, budget: int, total_steps: int, lr:
     if not params:
         raise ValueError("model has no trainable parameters")
     cls = wrap.get_selective_optimizer(torch.optim.AdamW, "id3")
-    kwargs: Dict[str, Any] = dict(lr=lr, weight_decay=weight_decay, budget=budget, max_steps=total_steps,
-                                  eps=eps, exp=exp, verify=False)
+    kwargs: dict[str, Any] = dict(
+        lr=lr, weight_decay=weight_decay, budget=budget, max_steps=total_steps, eps=eps, exp=exp, verify=False
+    )
     if fused and _fused_ok(params):
         kwargs["fused"] = True
     out = io.StringIO()
@@ -172,7 +188,9 @@ def count_changed(model_before_state_dict: Mapping[str, torch.Tensor], model: to
             if before.shape != p.shape:
                 raise ValueError(f"shape mismatch for {name}: {tuple(before.shape)} vs {tuple(p.shape)}")
             if before.device == p.device and before.numel() and before.data_ptr() == p.data_ptr():
-                raise ValueError(f"snapshot for {name} shares storage with the live parameter; "
-                                 "clone the state dict before training")
+                raise ValueError(
+                    f"snapshot for {name} shares storage with the live parameter; "
+                    "clone the state dict before training"
+                )
             changed += int((p.detach() != before.to(p.device, p.dtype)).sum().item())
     return changed

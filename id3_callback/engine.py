@@ -125,7 +125,9 @@ class ID3Engine:
         self.skipped_steps = 0
         self._log = {"selection_s": 0.0, "steps": 0, "new": 0}
         self.last_stats: dict = {}
-        self.last_selected_scores: torch.Tensor | None = None  # scores of the entries the last select_top chose
+        self.last_selected_scores: torch.Tensor | None = (
+            None  # scores of the entries the last select_top chose
+        )
         # Of the step in progress: the fp16 loss scale, and whether an overflow must cancel the growth.
         self.current_grad_scale, self.current_check_overflow = 1.0, False
         # Training data for methods that look at it before training ('fish'): a zero-argument callable returning
@@ -142,6 +144,7 @@ class ID3Engine:
         # threshold early, so later chunks are dropped after one max (the result does not depend on order).
         self._peaks: dict[str, float] = {}
         self._score_buffer: torch.Tensor | None = None  # D3 scratch (a few MiB), kept across steps
+        self._nonzero_rows: dict[str, torch.Tensor] = {}  # row-sparse gradients' nonzero rows, this step
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         self._row_sparse = {
             n for n, p in selectable.items() if id(p) in embeddings and p.numel() >= ROW_SPARSE_MIN_ENTRIES
@@ -231,6 +234,7 @@ class ID3Engine:
             if rows is not None:
                 self._peaks[name] = scorer.push_rows(top, grad, p, offset, rows, excluded)
                 pending.append((name, offset, rows))
+                self._nonzero_rows[name] = rows  # masking then zeroes only these rows
                 return
             self._row_sparse.discard(name)  # dense (e.g. tied to the output layer): stop checking it
         self._peaks[name] = scorer.push_flat(top, grad, p, offset, excluded)
@@ -295,6 +299,7 @@ class ID3Engine:
         before = len(self.unmasked)
         self.steps_done += 1
         k = self.schedule.target(self.steps_done) - before
+        self._nonzero_rows = {}  # filled by this step's scoring, for this step's gradients only
         if self.low_memory_active or self._pass is not None:
             if grad_scale != 1.0:
                 raise ValueError(
@@ -306,7 +311,7 @@ class ID3Engine:
             grew = self.method.on_step(k)
         if not grew:
             self.skipped_steps += 1
-        self.unmasked.mask_gradients()
+        self.unmasked.mask_gradients(self._nonzero_rows)
         new = len(self.unmasked) - before
         elapsed = time.perf_counter() - t0
         self.updates_total += len(self.unmasked) + self.dense_entries

@@ -148,9 +148,14 @@ class UnmaskedSet:
         return scores
 
     @torch.no_grad()
-    def mask_gradients(self) -> None:
-        """Zero the gradients of masked entries; tensors with nothing unmasked get `grad = None`."""
-        masked = []
+    def mask_gradients(self, nonzero_rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Zero the gradients of masked entries; tensors with nothing unmasked get `grad = None`.
+
+        `nonzero_rows` (name -> row indices) says which rows of a gradient may hold a nonzero bit, as found
+        by `selection.nonzero_rows` on this very gradient: every other row is already +0.0, so only those
+        rows are zeroed (an embedding's 138 rows instead of all 30,522), with a bitwise equal result.
+        """
+        masked, zero_rows = [], []
         for name, p in self.params.items():
             if p.grad is None or name in self.full:
                 continue
@@ -160,10 +165,15 @@ class UnmaskedSet:
             elif idx.numel() < p.numel():
                 flat = p.grad.view(-1)
                 masked.append((flat, idx, flat[idx]))
-        if masked:  # one zeroing call for all tensors, then the kept values back
-            torch._foreach_zero_([flat for flat, _, _ in masked])
-            for flat, idx, kept in masked:
-                flat.index_copy_(0, idx, kept)
+                rows = None if nonzero_rows is None else nonzero_rows.get(name)
+                if rows is None:
+                    zero_rows.append(flat)
+                else:
+                    p.grad.view(p.grad.shape[0], -1).index_fill_(0, rows, 0.0)
+        if zero_rows:  # one zeroing call for all dense tensors
+            torch._foreach_zero_(zero_rows)
+        for flat, idx, kept in masked:  # then the kept values back
+            flat.index_copy_(0, idx, kept)
 
     def sorted_indices(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat indices, base values in that order) of tensor `name`."""

@@ -224,6 +224,7 @@ def test_gradient_bound_skips_chunks_and_stays_exact(monkeypatch):
 def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypatch):
     if variant == "row_sparse":  # the tiny embeddings take the row path
         monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
         monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
     if variant == "per_tensor":  # no small-tensor batching, many chunks
         monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
@@ -258,6 +259,34 @@ def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
     want = brute_force_global(brute, 20)
     assert torch.equal(top.result()[1], want)
     assert sorted(want[8:].tolist()) == list(range(12))  # the zeros: lowest indices
+
+
+@pytest.mark.parametrize("model_fn, kind", [(tiny_bert, "cls"), (tiny_llama, "lm")])
+def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
+    """Masking zeroes only the rows scoring found nonzero; every gradient bit equals zeroing everything."""
+    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
+    data = token_data(n=2, seq=6, kind=kind)  # few tokens: most embedding rows get no gradient
+    batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
+    grads = []
+    for use_rows in (True, False):
+        torch.manual_seed(0)
+        model = model_fn()
+        engine = ID3Engine(model, ID3Config(budget=400))
+        engine.start(4)
+        if not use_rows:
+            dense = UnmaskedSet.mask_gradients  # ignores the rows: zeroes every gradient in full
+            monkeypatch.setattr(engine.unmasked, "mask_gradients", lambda rows: dense(engine.unmasked))
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            engine.step()
+        if use_rows:
+            assert engine._nonzero_rows, "the embedding took the row path"
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name].view(torch.int32), grads[1][name].view(torch.int32)), name
 
 
 # ------------------------------------------------------------------------------------------ SparseAdamW

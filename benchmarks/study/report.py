@@ -515,7 +515,8 @@ def setup_section(records: list[dict], protocol: str | None) -> str:
         f"{versions.get('transformers')}, peft {versions.get('peft')}, datasets {versions.get('datasets')}, "
         f"accelerate {versions.get('accelerate')}, id3-callback {versions.get('id3-callback')} (git "
         f"{versions.get('git_commit')}), selective-optimizers {versions.get('selective-optimizers')}.",
-        f"- Machine: {host.get('cpu')}, {host.get('cores')} cores, torch threads {host.get('torch_threads')}, "
+        f"- Machine: {host.get('cpu')}, {host.get('cores')} cores, torch threads per run "
+        f"{'/'.join(str(t) for t in sorted({(r.get('host') or {}).get('torch_threads') for r in records} - {None}))}, "
         f"{host.get('os')}.",
     ]
     return "\n".join(lines)
@@ -557,6 +558,9 @@ def write_report(
         f"`{results_path}`._\n\n{status}",
         "## How it was run\n\nThe whole study is one resumable command (each finished run appends a line to the "
         f"JSONL; a rerun skips the runs already there):\n\n```\n{STUDY_COMMAND}\n{REPORT_COMMAND}\n```\n\n"
+        "On the 2-core machine the runs were made by `benchmarks/study/run_two_workers.sh MINUTES`: two "
+        "single-thread drivers of the same command, splitting the learning-rate phase by method and the main "
+        "phase by task, appending to the same file; the runs and their settings are the same as with one driver.\n\n"
         + setup_section(good, protocol),
         f"## Progress\n\n{progress_md}",
         "## What agrees with the paper and what does not\n\nJudged only on the runs present; 'significant' means "

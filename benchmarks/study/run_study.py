@@ -804,6 +804,11 @@ def main(argv: list[str] | None = None) -> int:
             done = done_keys(records)
             print(f"[study] {phase} {methods}: {sum(r.key() in done for r in runs)}/{len(runs)} done")
         return 0
+    try:  # a broken install would otherwise turn every planned run into an 'error' record
+        import id3_callback  # noqa: F401
+    except ImportError as err:
+        print(f"[study] cannot import id3_callback ({err}): run `pip install -e .` first", flush=True)
+        return 2
     ctx = Context(protocol, args.official_site)
     if not ctx.official_ok and "official-id3" in args.methods:
         print(f"[study] selective_optimizers is not importable from {args.official_site}: skipping official-id3",
