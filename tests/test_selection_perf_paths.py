@@ -82,6 +82,43 @@ def test_push_at_offsets_in_any_order_equals_in_order(seed, monkeypatch):
         assert values.tolist() == torch.cat(tensors)[want].tolist()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_deferred_merges_stay_exact(seed, monkeypatch):
+    """Large k, many small chunks: candidates wait (filtered by a stale k-th value) and merge in batches."""
+    monkeypatch.setattr(sel, "CHUNK", 64)
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randint(0, 50, (int(n),), generator=g).float()
+        for n in torch.randint(100, 900, (8,), generator=g)
+    ]
+    offsets = torch.tensor([0, *[t.numel() for t in tensors]]).cumsum(0).tolist()
+    flushes = []
+    original = StreamingTopK._flush
+    monkeypatch.setattr(
+        StreamingTopK, "_flush", lambda self: flushes.append(len(self._pending)) or original(self)
+    )
+    for k in (40, 300):
+        flushes.clear()
+        top = StreamingTopK(k)
+        for i in torch.randperm(len(tensors), generator=g).tolist():
+            top.push(tensors[i], offset=offsets[i], payload=torch.arange(offsets[i], offsets[i + 1]).float())
+        values, index = top.result()
+        assert torch.equal(index, brute_force_global(tensors, k)), (seed, k)
+        assert torch.equal(top.result_payload(), index.float())
+        assert max(flushes) > 1  # several chunks' candidates were merged at once
+
+
+def test_payload_on_some_pushes_only_is_refused():
+    top = StreamingTopK(2)
+    top.push(torch.tensor([1.0, 2.0]), payload=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="payload"):
+        top.push(torch.tensor([3.0]))
+    top = StreamingTopK(2)
+    top.push(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="payload"):
+        top.push(torch.tensor([3.0]), payload=torch.tensor([0.3]))
+
+
 def test_push_with_explicit_index_and_candidates():
     top = StreamingTopK(3)
     top.push(torch.tensor([1.0, 5.0, 1.0]), index=torch.tensor([10, 20, 30]))
@@ -275,8 +312,9 @@ def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
         engine = ID3Engine(model, ID3Config(budget=400))
         engine.start(4)
         if not use_rows:
-            dense = UnmaskedSet.mask_gradients  # ignores the rows: zeroes every gradient in full
-            monkeypatch.setattr(engine.unmasked, "mask_gradients", lambda rows: dense(engine.unmasked))
+            # ignores the rows: zeroes every gradient in full
+            dense = partial(UnmaskedSet.mask_gradients, engine.unmasked)
+            monkeypatch.setattr(engine.unmasked, "mask_gradients", lambda rows, dense=dense: dense())
         for _ in range(2):
             model.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
