@@ -50,6 +50,9 @@ DATA_CACHE = Path(tempfile.gettempdir()) / "id3-study-data-v1"
 TASKS = ("rte", "mrpc", "cola", "sst2")
 BUDGETS = (0.0006, 0.0017)  # the paper's 103K and 320K on DeBERTa-v3-base (184M), as fractions
 SEEDS = (0, 1, 2)
+# CoLA at seed 0 only: in 100 steps every method stayed at the majority class there (Matthews correlation
+# exactly 0: full fine-tuning, ID3, static-S in the first runs), so more seeds add ties, not information.
+TASK_SEEDS = {"cola": (0,)}
 # SST-2: the cheapest task per step (short sentences) and far above chance for MiniLM, with an 800-row held-out
 # slice; on RTE (near chance) or MRPC (367 held-out rows) the lr ranking would be mostly noise.
 LR_TASK = "sst2"
@@ -70,6 +73,9 @@ class MethodSpec:
     budgeted: bool  # runs at each budget; False: one run whose size the method fixes (full, bitfit, LoRA)
     lr_grid: tuple[float, ...]
     slow: bool = False  # deferred to the end of the study (repeat-S rescores every entry each step)
+    # Main phase at both budgets, or at 0.17% only. Sized to a 2-core machine: the small budget is kept for
+    # ID3 and the selections the paper compares it with there (FISH, the best static one; static-S D3).
+    both_budgets: bool = True
 
 
 SPARSE_LRS = (1e-3, 2e-3, 5e-3)
@@ -77,14 +83,14 @@ METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("full", False, False, (2e-5, 5e-5, 1e-4)),
     "id3": MethodSpec("id3", False, True, SPARSE_LRS),
     "static": MethodSpec("static", False, True, SPARSE_LRS),
-    "repeat": MethodSpec("repeat", False, True, SPARSE_LRS, slow=True),
-    "pafi": MethodSpec("pafi", False, True, SPARSE_LRS),
+    "repeat": MethodSpec("repeat", False, True, SPARSE_LRS, slow=True, both_budgets=False),
+    "pafi": MethodSpec("pafi", False, True, SPARSE_LRS, both_budgets=False),
     "fish": MethodSpec("fish", False, True, SPARSE_LRS),
-    "random": MethodSpec("random", False, True, SPARSE_LRS),
+    "random": MethodSpec("random", False, True, SPARSE_LRS, both_budgets=False),
     "bitfit": MethodSpec("bitfit", False, False, SPARSE_LRS),
-    "official-id3": MethodSpec(None, False, True, SPARSE_LRS),
+    "official-id3": MethodSpec(None, False, True, SPARSE_LRS, both_budgets=False),
     "lora": MethodSpec("full", True, False, (2e-4, 5e-4, 1e-3)),
-    "id3-lora": MethodSpec("id3", True, True, (5e-4, 1e-3, 2e-3)),
+    "id3-lora": MethodSpec("id3", True, True, (5e-4, 1e-3, 2e-3), both_budgets=False),
 }
 
 
@@ -206,11 +212,13 @@ def chosen_lrs(records: list[dict], protocol: str, methods: list[str]) -> dict[s
 def main_plan(protocol: Protocol, lrs: dict[str, float], methods: list[str], tasks, seeds) -> list[Run]:
     runs = []
     for seed in seeds:
-        for task in tasks:
+        for task in [t for t in tasks if seed in TASK_SEEDS.get(t, (seed,))]:
             for i, budget in enumerate(BUDGETS):
                 for method in [m for m in METHODS if m in methods]:
                     spec = METHODS[method]
                     if method not in lrs or (not spec.budgeted and i > 0):
+                        continue
+                    if spec.budgeted and not spec.both_budgets and budget != LR_BUDGET:
                         continue
                     runs.append(
                         Run(

@@ -19,10 +19,10 @@ main_when_ready() {  # exit status 1: the lr phase is not finished yet (the othe
 (
   study --phase lr --methods full,id3,static,pafi,fish,random,bitfit
   study --phase sensitivity
-  main_when_ready --tasks rte,mrpc
+  main_when_ready --tasks rte,cola
 ) > benchmarks/study/worker-a.log 2>&1 &
 (
   study --phase lr --methods official-id3,lora,id3-lora
-  main_when_ready --tasks cola,sst2
+  main_when_ready --tasks mrpc,sst2
 ) > benchmarks/study/worker-b.log 2>&1 &
 wait
