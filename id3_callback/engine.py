@@ -144,7 +144,8 @@ class ID3Engine:
         # threshold early, so later chunks are dropped after one max (the result does not depend on order).
         self._peaks: dict[str, float] = {}
         self._score_buffer: torch.Tensor | None = None  # D3 scratch (a few MiB), kept across steps
-        self._nonzero_rows: dict[str, torch.Tensor] = {}  # row-sparse gradients' nonzero rows, this step
+        # Row-sparse gradients scored this step: name -> (the gradient, its rows holding any nonzero bit).
+        self._nonzero_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         self._row_sparse = {
             n for n, p in selectable.items() if id(p) in embeddings and p.numel() >= ROW_SPARSE_MIN_ENTRIES
@@ -234,7 +235,7 @@ class ID3Engine:
             if rows is not None:
                 self._peaks[name] = scorer.push_rows(top, grad, p, offset, rows, excluded)
                 pending.append((name, offset, rows))
-                self._nonzero_rows[name] = rows  # masking then zeroes only these rows
+                self._nonzero_rows[name] = (grad, rows)  # masking then zeroes only these rows
                 return
             self._row_sparse.discard(name)  # dense (e.g. tied to the output layer): stop checking it
         self._peaks[name] = scorer.push_flat(top, grad, p, offset, excluded)
@@ -311,7 +312,10 @@ class ID3Engine:
             grew = self.method.on_step(k)
         if not grew:
             self.skipped_steps += 1
-        self.unmasked.mask_gradients(self._nonzero_rows)
+        # Rows found on this very gradient object only (a method may have scored something else).
+        params = self.unmasked.params
+        rows = {n: r for n, (g, r) in self._nonzero_rows.items() if params[n].grad is g}
+        self.unmasked.mask_gradients(rows)
         new = len(self.unmasked) - before
         elapsed = time.perf_counter() - t0
         self.updates_total += len(self.unmasked) + self.dense_entries

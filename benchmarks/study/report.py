@@ -469,7 +469,15 @@ def progress(all_records: list[dict], protocol: str | None) -> tuple[str, bool]:
         errors = len(keys - ok)
         partial |= len(ok) < total
         rows.append([phase, f"{len(ok)}/{total}", str(errors)])
-    return table(["phase", "runs done (ok/planned)", "failed"], rows), partial
+    md = table(["phase", "runs done (ok/planned)", "failed"], rows)
+    ran = {r.get("method") for r in all_records if r.get("phase") == "main" and r.get("status") == "ok"}
+    missing = [m for m in study.METHODS if m not in ran]
+    if missing:
+        md += f"\n\nNo main-phase run yet for: {', '.join(missing)}."
+        if any(study.METHODS[m].slow for m in missing):
+            md += " repeat-S picks a fresh top-B over all 22.7M entries every step (the slowest method here), so "
+            md += "the driver schedules it after everything else."
+    return md, partial
 
 
 def errors_list(records: list[dict], protocol: str | None) -> str:
@@ -570,7 +578,12 @@ def write_report(
         "## Dev scores (mean ± std over seeds)\n\n"
         + "\n\n".join(f"### Budget {budget_label(b)}\n\n{results_table(scores, b)}" for b in study.BUDGETS)
         + "\n\n'fixed' rows (full fine-tuning, BitFit = every bias, dense LoRA) have one size, repeated in both "
-        "tables. `average` is the mean over tasks of the per-task mean over seeds.",
+        "tables. `average` is the mean over tasks of the per-task mean over seeds. To fit the machine, the 0.06% "
+        "budget was run for "
+        + ", ".join(m for m, spec in study.METHODS.items() if spec.budgeted and spec.both_budgets)
+        + " only; CoLA at seed "
+        + ", ".join(str(x) for x in study.TASK_SEEDS.get("cola", study.SEEDS))
+        + " only (see `TASK_SEEDS` in run_study.py).",
         f"![score vs budget]({rel(budget_png, out.parent)})",
         "## Paired tests: ID3 against each baseline\n\n" + "\n\n".join(wilcoxon_md),
         "## Parameter updates\n\n`Σ_t |unmasked_t|` over the training steps, counted by the engine (official "
