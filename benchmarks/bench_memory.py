@@ -52,6 +52,8 @@ def child(args) -> dict:
         model.cuda()
         batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
     model.train()
+    if args.checkpointing:  # every variant recomputes each layer's activations in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total = sum(p.numel() for p in model.parameters())
     budget = max(1, round(args.budget * total))
     engine = None
@@ -135,12 +137,24 @@ def child(args) -> dict:
     return out
 
 
+def add_ratios(results: dict) -> None:
+    """Each variant's peak against LoRA's (a ratio) and against the gradient floor's (MiB)."""
+    lora = results.get("lora", {}).get("peak_rss_mb")
+    floor = results.get("grad_floor", {}).get("peak_rss_mb")
+    for row in results.values():
+        if lora and "peak_rss_mb" in row:
+            row["vs_lora"] = row["peak_rss_mb"] / lora
+        if floor and "peak_rss_mb" in row:
+            row["vs_grad_floor_mb"] = row["peak_rss_mb"] - floor
+
+
 def parent(args) -> dict:
     results = {}
     for name in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
         cmd += ["--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)]
         cmd += ["--seq", str(args.seq), "--budget", str(args.budget), "--total-steps", str(args.total_steps)]
+        cmd += ["--checkpointing"] if args.checkpointing else []
         print(f"[memory] {name} ...", flush=True)
         env = dict(os.environ)
         if args.mmap_threshold:  # fixed glibc threshold: freed blocks go back to the OS, RSS = live memory
@@ -154,14 +168,9 @@ def parent(args) -> dict:
             continue
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
         results[name] = json.loads(line[len("RESULT ") :])
+        results[name]["measured"] = benchutil.machine()["date"]
         print(f"[memory] {name}: {json.dumps(results[name])}", flush=True)
-    lora = results.get("lora", {}).get("peak_rss_mb")
-    floor = results.get("grad_floor", {}).get("peak_rss_mb")
-    for row in results.values():
-        if lora and "peak_rss_mb" in row:
-            row["vs_lora"] = row["peak_rss_mb"] / lora
-        if floor and "peak_rss_mb" in row:
-            row["vs_grad_floor_mb"] = row["peak_rss_mb"] - floor
+    add_ratios(results)
     return {
         "benchmark": "memory",
         "setting": {
@@ -174,6 +183,7 @@ def parent(args) -> dict:
             "steps": args.steps,
             "threads": args.threads,
             "malloc_mmap_threshold": args.mmap_threshold or "glibc default (dynamic)",
+            "gradient_checkpointing": args.checkpointing,
         },
         "machine": benchutil.machine(),
         "variants": results,
@@ -203,6 +213,8 @@ def markdown(result: dict) -> str:
         f"budget {100 * s['budget_fraction']:.2f}%, {s['threads']} threads, one fresh process per variant "
         f"({result['machine']['date']}, {result['machine']['cpu']}).\n\n"
     )
+    if s.get("gradient_checkpointing"):
+        text += "Gradient checkpointing (non-reentrant) for every variant.\n\n"
     if s.get("malloc_mmap_threshold") != "glibc default (dynamic)":
         text += f"MALLOC_MMAP_THRESHOLD_={s['malloc_mmap_threshold']} for every variant.\n\n"
     text += benchutil.markdown_table(
@@ -217,6 +229,13 @@ def markdown(result: dict) -> str:
         ],
         rows,
     )
+    dates = {r.get("measured") for r in result["variants"].values()} - {None}
+    if len(dates) > 1:
+        text += (
+            "\nRows measured at different times: "
+            + ", ".join(f"{n} {r['measured']}" for n, r in result["variants"].items() if r.get("measured"))
+            + ".\n"
+        )
     if "grad_floor" in result["variants"]:
         text += (
             "\ngrad_floor: every weight's gradient is computed and dropped at once by a hook (no scoring, no "
@@ -247,12 +266,33 @@ def main(argv=None) -> dict | None:
         help="set MALLOC_MMAP_THRESHOLD_ for every variant (e.g. 131072): glibc then returns freed blocks at "
         "once instead of keeping them in the heap, so peak RSS tracks live memory (default: glibc's own)",
     )
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing (non-reentrant) for every variant",
+    )
     parser.add_argument("--out", default=str(benchutil.RESULTS / "memory.json"))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="remeasure only --variants and keep the other rows of --out (same setting required)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return None
     result = parent(args)
+    out = benchutil.Path(args.out)
+    if args.merge and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("setting") != result["setting"]:
+            raise SystemExit(f"--merge: {out} was measured with another setting: {old.get('setting')}")
+        when = old.get("machine", {}).get("date")
+        for row in old["variants"].values():
+            row.setdefault("measured", when)
+        result["variants"] = {**old["variants"], **result["variants"]}
+        result["variants"] = {n: result["variants"][n] for n in VARIANTS if n in result["variants"]}
+        add_ratios(result["variants"])
     benchutil.write_json(result, benchutil.Path(args.out))
     md = markdown(result)
     benchutil.write_text(md, benchutil.Path(args.out).with_suffix(".md"))

@@ -161,6 +161,10 @@ def main(argv=None) -> None:
         # also counts fragmentation; a fixed threshold returns them at once and RSS tracks live memory.
         mmap = ["--mmap-threshold", "131072", "--out", str(benchutil.RESULTS / "memory_mmap.json")]
         run("bench_memory.py", threads + mmap + (["--steps", "1"] if args.quick else []))
+        # Gradient checkpointing: saved activations shrink to one per layer for every variant alike.
+        ckpt = ["--checkpointing", "--variants", "full,lora,id3,id3_low_memory,grad_floor"]
+        ckpt += ["--out", str(benchutil.RESULTS / "memory_ckpt.json")]
+        run("bench_memory.py", threads + ckpt + (["--steps", "1"] if args.quick else []))
     if "scaling" not in skip:
         run(
             "bench_scaling.py", threads + (["--sizes", "1,10,50,200", "--repeats", "3"] if args.quick else [])
@@ -172,6 +176,7 @@ def main(argv=None) -> None:
         ("memory", "Peak memory"),
         ("memory_small", "Peak memory, short sequences (gradients dominate)"),
         ("memory_mmap", "Peak memory, allocator returning freed memory at once"),
+        ("memory_ckpt", "Peak memory with gradient checkpointing"),
         ("scaling", "Selection scaling"),
     )
     for name, title in titles:

@@ -26,7 +26,7 @@ from .config import ID3Config
 from .io import atomic_write
 from .masks import UnmaskedSet
 from .schedulers import Schedule
-from .selection import StreamingTopK, TensorScorer, nonzero_rows, split_by_tensor
+from .selection import SCORE_CHUNK, StreamingTopK, TensorScorer, nonzero_rows, split_by_tensor
 
 STATE_FILE = "id3_state.pt"
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -179,6 +179,11 @@ class ID3Engine:
             self.method.on_start()
         if self.configure_low_memory():
             self._install_hooks()
+            if self._score_buffer is None and self.unmasked.params:
+                # Allocated now, not inside the first backward: a block that lives on, placed among
+                # activations that are about to be freed, keeps the heap from reusing their space.
+                device = next(iter(self.unmasked.params.values())).device
+                self._score_buffer = torch.empty(SCORE_CHUNK, dtype=torch.float32, device=device)
 
     def summary(self) -> str:
         pct = 100.0 * self.budget / max(self.selectable, 1)
@@ -316,6 +321,9 @@ class ID3Engine:
         params = self.unmasked.params
         rows = {n: r for n, (g, r) in self._nonzero_rows.items() if params[n].grad is g}
         self.unmasked.mask_gradients(rows)
+        if self.low_memory_active:  # the sorted index copies the hooks need, made now rather than in backward
+            for name in self.unmasked.params:
+                self._sorted_unmasked(name)
         new = len(self.unmasked) - before
         elapsed = time.perf_counter() - t0
         self.updates_total += len(self.unmasked) + self.dense_entries
