@@ -285,6 +285,7 @@ def main(argv=None) -> dict | None:
     out = benchutil.Path(args.out)
     if args.merge and out.exists():
         old = json.loads(out.read_text())
+        old.get("setting", {}).setdefault("gradient_checkpointing", False)  # files from before the option
         if old.get("setting") != result["setting"]:
             raise SystemExit(f"--merge: {out} was measured with another setting: {old.get('setting')}")
         when = old.get("machine", {}).get("date")
