@@ -145,7 +145,7 @@ def add_ratios(results: dict) -> None:
         if lora and "peak_rss_mb" in row:
             row["vs_lora"] = row["peak_rss_mb"] / lora
         if floor and "peak_rss_mb" in row:
-            row["vs_grad_floor_mb"] = row["peak_rss_mb"] - floor
+            row["vs_grad_floor_mb"] = round(row["peak_rss_mb"] - floor)
 
 
 def parent(args) -> dict:
@@ -210,7 +210,7 @@ def markdown(result: dict) -> str:
     s = result["setting"]
     text = (
         f"Peak memory of {s['steps']} training steps, {s['model']}, batch {s['batch']} x {s['seq']}, "
-        f"budget {100 * s['budget_fraction']:.2f}%, {s['threads']} threads, one fresh process per variant "
+        f"budget {100 * s['budget_fraction']:.2f}%, {s['threads']} thread{'s' * (s['threads'] != 1)}, one fresh process per variant "
         f"({result['machine']['date']}, {result['machine']['cpu']}).\n\n"
     )
     if s.get("gradient_checkpointing"):
@@ -229,8 +229,7 @@ def markdown(result: dict) -> str:
         ],
         rows,
     )
-    dates = {r.get("measured") for r in result["variants"].values()} - {None}
-    if len(dates) > 1:
+    if result.get("merged"):
         text += (
             "\nRows measured at different times: "
             + ", ".join(f"{n} {r['measured']}" for n, r in result["variants"].items() if r.get("measured"))
@@ -292,6 +291,7 @@ def main(argv=None) -> dict | None:
         for row in old["variants"].values():
             row.setdefault("measured", when)
         result["variants"] = {**old["variants"], **result["variants"]}
+        result["merged"] = True
         result["variants"] = {n: result["variants"][n] for n in VARIANTS if n in result["variants"]}
         add_ratios(result["variants"])
     benchutil.write_json(result, benchutil.Path(args.out))
