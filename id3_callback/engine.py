@@ -125,9 +125,8 @@ class ID3Engine:
         self.skipped_steps = 0
         self._log = {"selection_s": 0.0, "steps": 0, "new": 0}
         self.last_stats: dict = {}
-        self.last_selected_scores: torch.Tensor | None = (
-            None  # scores of the entries the last select_top chose
-        )
+        # Scores of the entries the last select_top chose.
+        self.last_selected_scores: torch.Tensor | None = None
         # Of the step in progress: the fp16 loss scale, and whether an overflow must cancel the growth.
         self.current_grad_scale, self.current_check_overflow = 1.0, False
         # Training data for methods that look at it before training ('fish'): a zero-argument callable returning

@@ -155,7 +155,7 @@ class UnmaskedSet:
         by `selection.nonzero_rows` on this very gradient: every other row is already +0.0, so only those
         rows are zeroed (an embedding's 138 rows instead of all 30,522), with a bitwise equal result.
         """
-        masked, zero_rows = [], []
+        masked, zero_whole = [], []
         for name, p in self.params.items():
             if p.grad is None or name in self.full:
                 continue
@@ -167,11 +167,11 @@ class UnmaskedSet:
                 masked.append((flat, idx, flat[idx]))
                 rows = None if nonzero_rows is None else nonzero_rows.get(name)
                 if rows is None:
-                    zero_rows.append(flat)
+                    zero_whole.append(flat)
                 else:
                     p.grad.view(p.grad.shape[0], -1).index_fill_(0, rows, 0.0)
-        if zero_rows:  # one zeroing call for all dense tensors
-            torch._foreach_zero_(zero_rows)
+        if zero_whole:  # one zeroing call for every tensor zeroed in full
+            torch._foreach_zero_(zero_whole)
         for flat, idx, kept in masked:  # then the kept values back
             flat.index_copy_(0, idx, kept)
 
