@@ -66,13 +66,22 @@ def test_chosen_lrs_takes_best_held_out_score_and_smaller_lr_on_ties():
 def test_main_plan_is_seed_major_and_runs_fixed_size_methods_once():
     lrs = {m: 1e-3 for m in study.METHODS}
     runs = study.main_plan(PROTOCOL, lrs, list(study.METHODS), study.TASKS, study.SEEDS)
-    budgeted = sum(s.budgeted for s in study.METHODS.values())
-    per_task = budgeted * len(study.BUDGETS) + (len(study.METHODS) - budgeted)
-    assert len(runs) == per_task * len(study.TASKS) * len(study.SEEDS)
+    specs = study.METHODS.values()
+    per_task = sum(len(study.BUDGETS) if s.both_budgets else 1 for s in specs if s.budgeted)
+    per_task += sum(not s.budgeted for s in specs)
+    cells = sum(
+        seed in study.TASK_SEEDS.get(task, study.SEEDS) for task in study.TASKS for seed in study.SEEDS
+    )
+    assert len(runs) == per_task * cells
     assert [r.seed for r in runs] == sorted(r.seed for r in runs)
     assert [r.task for r in runs[: per_task * len(study.TASKS) : per_task]] == list(study.TASKS)
+    assert {(r.task, r.seed) for r in runs if r.task == "cola"} == {
+        ("cola", s) for s in study.TASK_SEEDS["cola"]
+    }
     full = [r for r in runs if r.method == "full" and r.seed == 0 and r.task == "rte"]
     assert len(full) == 1 and full[0].budget is None
+    small = {r.method for r in runs if r.budget == study.BUDGETS[0]}
+    assert small == {m for m, s in study.METHODS.items() if s.budgeted and s.both_budgets} >= {"id3", "fish"}
     assert {r.lora for r in runs if r.method in ("lora", "id3-lora")} == {study.LORA_RANK}
 
 
