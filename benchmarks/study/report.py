@@ -615,9 +615,10 @@ def write_report(
         f"`{results_path}`._\n\n{status}",
         "## How it was run\n\nThe whole study is one resumable command (each finished run appends a line to the "
         f"JSONL; a rerun skips the runs already there):\n\n```\n{STUDY_COMMAND}\n{REPORT_COMMAND}\n```\n\n"
-        "On the 2-core machine the runs were made by `benchmarks/study/run_two_workers.sh MINUTES`: two "
-        "single-thread drivers of the same command, splitting the learning-rate phase by method and the main "
-        "phase by task, appending to the same file; the runs and their settings are the same as with one driver.\n\n"
+        "On the 2-core machine most runs were made by two single-thread drivers of that command, splitting the "
+        "learning-rate phase by method and the main phase by task and appending to the same file "
+        "(`benchmarks/study/run_two_workers.sh MINUTES`); the first learning-rate runs by one two-thread driver. "
+        "The runs and their settings do not depend on the split; each JSON line records its torch threads.\n\n"
         + setup_section(good, protocol),
         f"## Progress\n\n{progress_md}",
         "## What agrees with the paper and what does not\n\nJudged only on the runs present; 'significant' means "
