@@ -284,21 +284,16 @@ def main(argv=None) -> dict | None:
     out = benchutil.Path(args.out)
     if args.merge and out.exists():
         old = json.loads(out.read_text())
-        old.get("setting", {}).setdefault("gradient_checkpointing", False)  # files from before the option
         if old.get("setting") != result["setting"]:
             raise SystemExit(f"--merge: {out} was measured with another setting: {old.get('setting')}")
         when = old.get("machine", {}).get("date")
         for row in old["variants"].values():
             row.setdefault("measured", when)
-        result["variants"] = {**old["variants"], **result["variants"]}
+        rows = {**old["variants"], **result["variants"]}
+        result["variants"] = {n: rows[n] for n in VARIANTS if n in rows}
         result["merged"] = True
-        result["variants"] = {n: result["variants"][n] for n in VARIANTS if n in result["variants"]}
         add_ratios(result["variants"])
-    benchutil.write_json(result, benchutil.Path(args.out))
-    md = markdown(result)
-    benchutil.write_text(md, benchutil.Path(args.out).with_suffix(".md"))
-    print(md)
-    return result
+    return benchutil.save_result(result, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -180,11 +180,7 @@ def main(argv=None) -> dict | None:
         print("RESULT " + json.dumps(child(int(args.child), args.method, args.repeats)), flush=True)
         return None
     result = parent(args)
-    benchutil.write_json(result, benchutil.Path(args.out))
-    md = markdown(result)
-    benchutil.write_text(md, benchutil.Path(args.out).with_suffix(".md"))
-    print(md)
-    return result
+    return benchutil.save_result(result, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -357,11 +357,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(benchutil.RESULTS / "step.json"))
     args = parser.parse_args(argv)
     result = run(args)
-    benchutil.write_json(result, benchutil.Path(args.out))
-    md = markdown(result)
-    benchutil.write_text(md, benchutil.Path(args.out).with_suffix(".md"))
-    print(md)
-    return result
+    return benchutil.save_result(result, args.out, markdown)
 
 
 if __name__ == "__main__":

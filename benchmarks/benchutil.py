@@ -16,11 +16,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from id3_callback.io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ID3_SHARED", ROOT.parent / "shared"))
@@ -180,28 +181,27 @@ def machine() -> dict:
 
 def write_json(obj, path: Path) -> None:
     """Write `obj` as JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Write `text` atomically (temp file + rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
+
+
+def save_result(result: dict, out: str | Path, markdown) -> dict:
+    """A benchmark's result as `out` (JSON) and `out` with .md (the `markdown(result)` table); prints the table."""
+    out = Path(out)
+    write_json(result, out)
+    md = markdown(result)
+    write_text(md, out.with_suffix(".md"))
+    print(md)
+    return result
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

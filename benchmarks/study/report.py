@@ -11,6 +11,7 @@ paper's DeBERTa-v3-base figures only in direction and size of the gap (the model
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -212,6 +213,7 @@ def learned_note(scores: dict, margin: float = 2.0) -> str:
     )
 
 
+@functools.cache  # read once per report: both budget tables and the note use it
 def majority_scores() -> dict[str, float]:
     """Each task's dev score for always predicting the most frequent label: the level a run that learned
     nothing reaches (its accuracy; for MRPC with F1 of the positive class; Matthews correlation 0)."""
