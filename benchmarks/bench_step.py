@@ -9,7 +9,9 @@ tokens, MiniLM tokenizer), budget 0.17% of the weights, CPU, 2 threads. Every va
 of the model and sees the same batches; variants run interleaved step by step (their order rotating)
 so load from other processes hits them alike, and ratios are taken per step, then the median.
 
-Variants: full fine-tuning with fused AdamW; ID3 standard and low-memory mode (SparseAdamW); peft
+Variants: full fine-tuning with fused AdamW, and a second, identical copy of it (`full_copy`: its ratio to
+`full` shows how far two identical variants drift apart here, the resolution of every other ratio); ID3
+standard and low-memory mode (SparseAdamW); peft
 LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers` 0.4 ID3 when importable
 (optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
 PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
@@ -89,7 +91,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
     for name in names:
         model = benchutil.minilm_classifier(seed=0)
         model.train()
-        if name == "full":
+        if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
             variants.append(Variant(name, model, opt))
         elif name in ("id3", "id3_low_memory"):
@@ -342,7 +344,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="full,id3,id3_low_memory,lora,official")
+    parser.add_argument("--variants", default="full,id3,id3_low_memory,lora,official,full_copy")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)

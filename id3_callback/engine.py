@@ -319,6 +319,7 @@ class ID3Engine:
         # Rows found on this very gradient object only (a method may have scored something else).
         params = self.unmasked.params
         rows = {n: r for n, (g, r) in self._nonzero_rows.items() if params[n].grad is g}
+        self._nonzero_rows = {}  # it holds gradients: kept past this step, they would outlive zero_grad
         self.unmasked.mask_gradients(rows)
         if self.low_memory_active:  # the sorted index copies the hooks need, made now rather than in backward
             for name in self.unmasked.params:

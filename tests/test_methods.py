@@ -15,7 +15,15 @@ import torch
 from conftest import MLP, changed_entries, mlp_data, snapshot, tiny_bert, token_data, training_args
 from transformers import TrainerCallback
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW, apply_delta, available_methods, save_delta
+from id3_callback import (
+    ID3Config,
+    ID3Engine,
+    SparseAdamW,
+    apply_delta,
+    available_methods,
+    d3_scores,
+    save_delta,
+)
 from id3_callback.methods.fish import fisher_information
 from id3_callback.methods.random_mask import sample_without_replacement
 from id3_callback.peft_utils import MODULES_TO_SAVE
@@ -369,6 +377,11 @@ def test_full_matches_dense_adamw():
     assert opt.state_bytes() == 3 * 4 * engine.selectable  # m, v, per-entry step: no index list
 
 
+def _offsets(params) -> list[int]:
+    sizes = [p.numel() for p in params]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
 def test_repeat_replaces_the_set_and_keeps_moments_of_entries_that_stay(tmp_path):
     model, engine = _mlp_engine("repeat", budget=10)
     engine.start(6)
@@ -385,7 +398,14 @@ def test_repeat_replaces_the_set_and_keeps_moments_of_entries_that_stay(tmp_path
         old_state = {
             n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in engine.unmasked.params.items()
         }
+        params = engine.unmasked.params.values()
+        scores = torch.cat([d3_scores(p.grad, p.detach()).reshape(-1) for p in params])
+        best = torch.argsort(scores, descending=True, stable=True)[
+            :10
+        ]  # every entry competes, ties: lower index
         engine.step()
+        chosen = torch.cat([i + o for i, o in zip(engine.unmasked.indices.values(), _offsets(params))])
+        assert sorted(chosen.tolist()) == sorted(best.tolist())
         before_step = snapshot(model)
         opt.step()
         opt.zero_grad()

@@ -253,6 +253,87 @@ def test_gradient_bound_skips_chunks_and_stays_exact(monkeypatch):
     assert len(calls) < 2000 // 50 // 2  # most chunks were settled by the gradient bound alone
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_at_least_equals_compare_and_nonzero(seed, monkeypatch):
+    monkeypatch.setattr(sel, "BLOCK", 4)
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 200, (1,), generator=g))
+    values = torch.randint(-6, 7, (n,), generator=g).float()
+    values[torch.rand(n, generator=g) < 0.2] = float("-inf")
+    used = 0
+    for cut in (3.0, 5.0, 6.0, 7.0):
+        for negative in (False, True):
+            want = (values <= -cut if negative else values >= cut).nonzero().view(-1)
+            monkeypatch.setattr(sel, "FEW", 1.0)  # never give up: check the answer itself
+            assert torch.equal(sel.at_least(values, cut, negative), want), (cut, negative)
+            monkeypatch.setattr(sel, "FEW", 0.25)
+            found = sel.at_least(values, cut, negative)
+            used += found is not None
+            assert found is None or torch.equal(found, want)
+    assert used or n < 16  # the block search answered at least once where it could
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_topk_block_search_keeps_ties_exact(seed, monkeypatch):
+    """Big chunks after the top is full go through `at_least`; many ties sit at the k-th value."""
+    monkeypatch.setattr(sel, "BLOCK", 4)
+    monkeypatch.setattr(sel, "CHUNK", 64)
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randint(0, 30, (int(n),), generator=g).float()
+        for n in torch.randint(20, 300, (6,), generator=g)
+    ]
+    offsets = torch.tensor([0, *[t.numel() for t in tensors]]).cumsum(0).tolist()
+    for k in (1, 4, 17, 60):
+        top = StreamingTopK(k)
+        for i in torch.randperm(len(tensors), generator=g).tolist():
+            top.push(tensors[i], offset=offsets[i])
+        assert torch.equal(top.result()[1], brute_force_global(tensors, k)), (seed, k)
+
+
+@pytest.mark.parametrize("exp", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("sides", ["both", "positive", "negative"])
+@pytest.mark.parametrize("seed", range(3))
+def test_gradient_prefilter_scores_only_candidates_and_stays_exact(exp, sides, seed, monkeypatch):
+    """Chunks the bound cannot settle: only entries whose own bound reaches the k-th score are scored.
+
+    Winners sit on zero weights (their score is exactly the bound, so they tie it), some candidates are
+    already unmasked, the largest gradient sits on a NaN weight, and the fp16 loss scale is on: the picks must equal brute force.
+    """
+    monkeypatch.setattr(sel, "SCORE_CHUNK", 400)
+    monkeypatch.setattr(sel, "BLOCK", 8)
+    few = []
+    original = TensorScorer._push_few
+    monkeypatch.setattr(
+        TensorScorer, "_push_few", lambda self, *a: few.append(a[3].numel()) or original(self, *a)
+    )
+    g = torch.Generator().manual_seed(seed)
+    n, scale = 4000, 8.0
+    magnitude = torch.rand(n, generator=g) * 1e-4
+    hot = torch.randperm(n, generator=g)[:60]
+    magnitude[hot] = torch.rand(60, generator=g) + 0.5
+    magnitude[hot[20:24]] = magnitude[hot[0]].item()  # exact ties with a winner, on nonzero and zero weights
+    weight = torch.randn(n, generator=g) * 0.05
+    weight[hot[:22]] = 0.0  # these score exactly |g| / eps^exp: ties with the bound itself
+    sign = {"both": torch.randn(n, generator=g).sign(), "positive": 1.0, "negative": -1.0}[sides]
+    grad = magnitude * sign
+    weight[magnitude.argmax()] = float("nan")  # the largest |g| is always a candidate
+    excluded = torch.sort(hot[::7]).values
+    score = partial(d3_scores, eps=1e-3, exp=exp)
+    scaled = grad * scale
+    brute = d3_scores(grad, weight, 1e-3, exp).clone()
+    brute[excluded] = float("-inf")
+    for k in (1, 5, 25):
+        top, scorer = StreamingTopK(k), TensorScorer(score, grad_scale=scale, keep_grads=True)
+        scorer.push_flat(top, scaled, weight, offset=3, excluded=excluded)
+        want = brute_force_global([torch.zeros(3), brute], k)
+        values, index = top.result()
+        assert torch.equal(index, want), (k, index, want)
+        assert torch.equal(top.result_payload(), scaled[index - 3])  # candidates carry their own gradient
+        assert scorer.finite == (exp == 0)  # the NaN weight was scored (with exp=0 it plays no part)
+    assert few and max(few) <= sel.FEW * 400  # the prefilter ran, on a few blocks each time
+
+
 # ----------------------------------------------------------------------------------------------- engine
 
 
@@ -311,16 +392,22 @@ def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
         model = model_fn()
         engine = ID3Engine(model, ID3Config(budget=400))
         engine.start(4)
-        if not use_rows:
-            # ignores the rows: zeroes every gradient in full
-            dense = partial(UnmaskedSet.mask_gradients, engine.unmasked)
-            monkeypatch.setattr(engine.unmasked, "mask_gradients", lambda rows, dense=dense: dense())
+        given = []
+        mask = partial(UnmaskedSet.mask_gradients, engine.unmasked)
+        # with use_rows=False the rows are ignored: every gradient is zeroed in full
+        monkeypatch.setattr(
+            engine.unmasked,
+            "mask_gradients",
+            lambda rows, given=given, mask=mask, use_rows=use_rows: (
+                given.append(rows) or mask(rows if use_rows else None)
+            ),
+        )
         for _ in range(2):
             model.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
             engine.step()
-        if use_rows:
-            assert engine._nonzero_rows, "the embedding took the row path"
+        assert all(given), "the embedding took the row path"
+        assert not engine._nonzero_rows  # released after masking: no gradient outlives its step
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

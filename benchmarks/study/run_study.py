@@ -13,8 +13,8 @@ Phases (a run is skipped when its key is already in the results file):
   main         seed-major: for seed in 0,1,2, task in rte,mrpc,cola,sst2, budget in 0.06%,0.17%: every method,
                at the learning rate the lr phase chose, scored on the full dev set;
   sensitivity  ID3's eps x exp grid on SST-2 dev at the 0.17% budget.
-repeat-S costs ~10x a training step per step here (it rescores all 22.7M entries), so its lr and main runs come
-after everything else.
+repeat-S rescores all 22.7M entries every step (a fresh top-B: its selection takes about a third of a
+forward + backward here), so its lr and main runs come after everything else.
 
 Runs call `scripts/run_glue.py`'s `main(argv)` in-process (its `_common.finish` is wrapped for the length of
 the call to read the engine's update count). The official `selective-optimizers` ID3 runs through its own

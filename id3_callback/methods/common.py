@@ -1,9 +1,9 @@
 """Helpers shared by the selection methods: exact global top-k over any per-entry score.
 
-`ID3Engine.select_top` scores the current gradients and skips tensors without one. The methods here also
-score weights alone (PaFi), Fisher accumulators (FISH) or every entry including unmasked ones (repeat-S),
-so they stream their own chunks through the same `StreamingTopK` (exact, deterministic ties: the lower
-global index wins).
+`ID3Engine.select_top` scores the current gradients and skips tensors without one. The methods here score
+weights alone (PaFi) or Fisher accumulators (FISH), so they stream their own chunks through the same
+`StreamingTopK` (exact, deterministic ties: the lower global index wins). repeat-S scores D3 like ID3, so
+it uses the engine's `TensorScorer` directly.
 """
 
 from __future__ import annotations
@@ -56,13 +56,6 @@ def top_entries(
 
 def weight_chunk(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return p.detach().reshape(-1)[start:stop]
-
-
-def grad_chunk(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The gradient slice; a tensor without a gradient counts as a zero gradient (eligible, score 0)."""
-    if p.grad is None:
-        return torch.zeros(stop - start, dtype=p.dtype, device=p.device)
-    return p.grad.detach().reshape(-1)[start:stop]
 
 
 def add_selected(engine: ID3Engine, values: torch.Tensor, index: torch.Tensor) -> None:

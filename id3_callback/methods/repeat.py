@@ -11,9 +11,14 @@ Deltas cover the union of entries ever trained, each with its first-seen base va
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
+
 from ..scores import d3_scores
+from ..selection import StreamingTopK, TensorScorer
 from .base import SelectionMethod, register_method
-from .common import grad_chunk, per_tensor, top_entries, weight_chunk
+from .common import per_tensor
 
 
 @register_method("repeat")
@@ -36,14 +41,19 @@ class RepeatD3(SelectionMethod):
 
     def on_step(self, k: int) -> bool:
         engine, config = self.engine, self.engine.config
-
-        def score(name, p, start, stop):
-            # fp16 loss scaling multiplies every score alike, so the ranking needs no unscaling.
-            return d3_scores(grad_chunk(p, start, stop), weight_chunk(p, start, stop), config.eps, config.exp)
-
-        values, index, finite = top_entries(engine, engine.budget, score, exclude_unmasked=False)
-        if not finite and engine.current_check_overflow:
+        # Every entry competes, the set included; a tensor without a gradient counts as zero gradients. The
+        # scorer's D3 shortcuts (gradient bound, candidates found from the gradient alone) apply as for ID3.
+        # fp16 loss scaling multiplies every score alike, so the ranking needs no unscaling.
+        top = StreamingTopK(engine.budget)
+        scorer = TensorScorer(partial(d3_scores, eps=config.eps, exp=config.exp))
+        nothing = torch.empty(0, dtype=torch.long)
+        offset = 0
+        for p in engine.unmasked.params.values():
+            scorer.push_flat(top, p.grad, p, offset, nothing.to(p.device))
+            offset += p.numel()
+        if not scorer.finite and engine.current_check_overflow:
             return False  # keep last step's set; the optimizer skips this step
+        values, index = top.result()
         engine.last_selected_scores = values.detach().cpu()
         for name, local in per_tensor(engine, index).items():
             engine.unmasked.replace(name, local)
