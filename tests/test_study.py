@@ -138,6 +138,14 @@ def test_driver_resumes_and_stops_at_the_time_limit(tmp_path, monkeypatch):
         ("id3", 0.0006),
         ("id3", 0.0017),
     ]
+    # repeat-S has no lr runs yet: an explicit main phase fails (the two-worker script waits on that), while
+    # --phase all skips the slow method's main runs once its lr runs were cut by the time limit.
+    monkeypatch.delenv("ID3_STUDY_DEADLINE", raising=False)
+    repeat = ["--results", str(results), "--methods", "repeat", "--tasks", "rte", "--seeds", "0"]
+    assert study.main(["--phase", "main", *repeat]) == 1
+    monkeypatch.delenv("ID3_STUDY_DEADLINE", raising=False)
+    assert study.main(["--phase", "all", "--max-minutes", "0", *repeat]) == 0
+    assert len(executed) == 9  # nothing ran for repeat
 
 
 def synthetic_main(seeds=(0, 1, 2), tasks=study.TASKS) -> list[dict]:
