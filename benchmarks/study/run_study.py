@@ -794,7 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "scripts"))
+    # This checkout's package and scripts, whatever `pip install -e` points at now: an editable install moved
+    # to another clone (and that clone deleted) once turned nine runs into 'error' records.
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
     # The deadline survives a memory re-exec through the environment.
     if "ID3_STUDY_DEADLINE" not in os.environ and args.max_minutes is not None:
         os.environ["ID3_STUDY_DEADLINE"] = str(time.time() + 60 * args.max_minutes)
