@@ -542,6 +542,22 @@ def errors_list(records: list[dict], protocol: str | None) -> str:
     )
 
 
+def commits_used(records: list[dict]) -> str:
+    """Which commits of this repository the runs were made at, in the order they were first used."""
+    first: dict[str, str] = {}
+    for r in sorted(records, key=lambda r: r.get("started", "")):
+        commit = (r.get("versions") or {}).get("git_commit")
+        if commit:
+            first.setdefault(commit, r.get("started", ""))
+    if len(first) <= 1:
+        return f"git {next(iter(first), 'unknown')}"
+    commits = list(first)
+    return (
+        f"runs made at {len(commits)} commits of this repository as it developed, git {commits[0]} to "
+        f"{commits[-1]}; each JSON line names its own"
+    )
+
+
 def setup_section(records: list[dict], protocol: str | None) -> str:
     settings = next((r.get("protocol_settings") for r in records if r.get("protocol_settings")), {}) or {}
     versions = next((r.get("versions") for r in records if r.get("versions")), {}) or {}
@@ -572,8 +588,8 @@ def setup_section(records: list[dict], protocol: str | None) -> str:
         f"{statistics.median(runtimes) if runtimes else math.nan:.0f} s.",
         f"- Software: Python {versions.get('python')}, torch {versions.get('torch')}, transformers "
         f"{versions.get('transformers')}, peft {versions.get('peft')}, datasets {versions.get('datasets')}, "
-        f"accelerate {versions.get('accelerate')}, id3-callback {versions.get('id3-callback')} (git "
-        f"{versions.get('git_commit')}), selective-optimizers {versions.get('selective-optimizers')}.",
+        f"accelerate {versions.get('accelerate')}, id3-callback {versions.get('id3-callback')} "
+        f"({commits_used(records)}), selective-optimizers {versions.get('selective-optimizers')}.",
         f"- Machine: {host.get('cpu')}, {host.get('cores')} cores, torch threads per run "
         f"{'/'.join(str(t) for t in sorted({(r.get('host') or {}).get('torch_threads') for r in records} - {None}))}, "
         f"{host.get('os')}.",
