@@ -41,6 +41,16 @@ def brute_force_global(scores: list[torch.Tensor], k: int) -> torch.Tensor:
     return eligible[order][:k]
 
 
+def integer_scores(
+    g: torch.Generator, count: int, sizes: tuple[int, int], values: int
+) -> tuple[list[torch.Tensor], list[int]]:
+    """`count` score tensors of random length in [sizes) holding integers in [0, values) (so many ties), and
+    their global offsets (plus the total at the end)."""
+    lengths = torch.randint(*sizes, (count,), generator=g)
+    tensors = [torch.randint(0, values, (int(n),), generator=g).float() for n in lengths]
+    return tensors, torch.tensor([0, *[t.numel() for t in tensors]]).cumsum(0).tolist()
+
+
 def d3_brute(model_params, unmasked: UnmaskedSet, eps=1e-3, exp=1.0, zero_missing=False):
     out = []
     for name, p in model_params.items():
@@ -62,12 +72,9 @@ def d3_brute(model_params, unmasked: UnmaskedSet, eps=1e-3, exp=1.0, zero_missin
 def test_push_at_offsets_in_any_order_equals_in_order(seed, monkeypatch):
     monkeypatch.setattr(sel, "CHUNK", 5)
     g = torch.Generator().manual_seed(seed)
-    tensors = [
-        torch.randint(0, 4, (int(n),), generator=g).float() for n in torch.randint(1, 30, (5,), generator=g)
-    ]
+    tensors, offsets = integer_scores(g, 5, (1, 30), 4)
     for t in tensors:
         t[torch.rand(t.numel(), generator=g) < 0.1] = float("-inf")
-    offsets = torch.tensor([0, *[t.numel() for t in tensors]]).cumsum(0).tolist()
     total = offsets[-1]
     for k in (1, 3, 7, total, total + 2):
         want = brute_force_global(tensors, k)
@@ -87,11 +94,7 @@ def test_deferred_merges_stay_exact(seed, monkeypatch):
     """Large k, many small chunks: candidates wait (filtered by a stale k-th value) and merge in batches."""
     monkeypatch.setattr(sel, "CHUNK", 64)
     g = torch.Generator().manual_seed(seed)
-    tensors = [
-        torch.randint(0, 50, (int(n),), generator=g).float()
-        for n in torch.randint(100, 900, (8,), generator=g)
-    ]
-    offsets = torch.tensor([0, *[t.numel() for t in tensors]]).cumsum(0).tolist()
+    tensors, offsets = integer_scores(g, 8, (100, 900), 50)
     flushes = []
     original = StreamingTopK._flush
     monkeypatch.setattr(
@@ -279,11 +282,7 @@ def test_streaming_topk_block_search_keeps_ties_exact(seed, monkeypatch):
     monkeypatch.setattr(sel, "BLOCK", 4)
     monkeypatch.setattr(sel, "CHUNK", 64)
     g = torch.Generator().manual_seed(seed)
-    tensors = [
-        torch.randint(0, 30, (int(n),), generator=g).float()
-        for n in torch.randint(20, 300, (6,), generator=g)
-    ]
-    offsets = torch.tensor([0, *[t.numel() for t in tensors]]).cumsum(0).tolist()
+    tensors, offsets = integer_scores(g, 6, (20, 300), 30)
     for k in (1, 4, 17, 60):
         top = StreamingTopK(k)
         for i in torch.randperm(len(tensors), generator=g).tolist():
