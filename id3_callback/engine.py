@@ -239,7 +239,10 @@ class ID3Engine:
             if rows is not None:
                 self._peaks[name] = scorer.push_rows(top, grad, p, offset, rows, excluded)
                 pending.append((name, offset, rows))
-                self._nonzero_rows[name] = (grad, rows)  # masking then zeroes only these rows
+                if (
+                    self._pass is None
+                ):  # masking then zeroes only these rows (low-memory mode frees the gradient)
+                    self._nonzero_rows[name] = (grad, rows)
                 return
             self._row_sparse.discard(name)  # dense (e.g. tied to the output layer): stop checking it
         self._peaks[name] = scorer.push_flat(top, grad, p, offset, excluded)

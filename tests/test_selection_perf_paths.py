@@ -378,6 +378,27 @@ def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
     assert sorted(want[8:].tolist()) == list(range(12))  # the zeros: lowest indices
 
 
+def test_low_memory_row_path_keeps_no_reference_to_freed_gradients(monkeypatch):
+    """Inside backward the embedding takes the row path too, but its gradient is freed there: the engine
+    must not keep it alive for masking (there is nothing to mask in low-memory mode)."""
+    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
+    data = token_data(n=2, seq=6, kind="cls")
+    batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
+    model = tiny_bert()
+    engine = ID3Engine(model, ID3Config(budget=400, low_memory=True))
+    engine.start(4)
+    rows_seen = []
+    push_rows = TensorScorer.push_rows
+    monkeypatch.setattr(
+        TensorScorer, "push_rows", lambda self, *a: rows_seen.append(1) or push_rows(self, *a)
+    )
+    model(**batch).loss.backward()
+    assert rows_seen, "the embedding took the row path inside backward"
+    assert not engine._nonzero_rows
+    engine.step()
+
+
 @pytest.mark.parametrize("model_fn, kind", [(tiny_bert, "cls"), (tiny_llama, "lm")])
 def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
     """Masking zeroes only the rows scoring found nonzero; every gradient bit equals zeroing everything."""
