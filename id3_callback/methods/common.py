@@ -22,12 +22,10 @@ if TYPE_CHECKING:
 ChunkScore = Callable[[str, torch.Tensor, int, int], torch.Tensor]
 
 
-def top_entries(
-    engine: ID3Engine, k: int, score: ChunkScore, exclude_unmasked: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def top_entries(engine: ID3Engine, k: int, score: ChunkScore) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The k best entries over all selectable tensors: (scores, global flat indices, all scores finite).
 
-    Non-finite scores are ineligible; with `exclude_unmasked`, so are entries already in the set.
+    Non-finite scores are ineligible, and so are entries already in the set.
 
     Example:
         >>> top_entries(engine, 10, lambda n, p, a, b: p.detach().reshape(-1)[a:b].abs().neg())  # doctest: +SKIP
@@ -36,17 +34,17 @@ def top_entries(
     finite = True
     for name, p in engine.unmasked.params.items():
         n = p.numel()
-        if exclude_unmasked and name in engine.unmasked.full:
+        if name in engine.unmasked.full:
             top.offset += n
             continue
-        idx = engine.unmasked.indices[name] if exclude_unmasked else None
+        idx = engine.unmasked.indices[name]
         for start in range(0, n, CHUNK):
             stop = min(start + CHUNK, n)
             scores = score(name, p, start, stop)
             if not bool(torch.isfinite(scores).all()):
                 finite = False
                 torch.nan_to_num_(scores, nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE)
-            if idx is not None and idx.numel():
+            if idx.numel():
                 local = idx[(idx >= start) & (idx < stop)] - start
                 scores.index_fill_(0, local, INELIGIBLE)
             top.push(scores)
