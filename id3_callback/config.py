@@ -96,6 +96,16 @@ class ID3Config:
             "otherwise falls back to the standard mode with a warning."
         },
     )
+    sparse_embedding_grads: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Give large float32 embedding tables a row-sparse gradient: backward writes only the rows "
+            "of the batch's tokens instead of a zero-filled table (bitwise the same values on CPU). None: on "
+            "under ID3Trainer wherever it applies; off in a plain loop, where torch's clip_grad_norm_ cannot "
+            "read it (use engine.clip_grad_norm_). Needs optimizer='sparse_adamw'; not with fp16 loss "
+            "scaling, DDP, or methods 'repeat' and 'full'."
+        },
+    )
     consistency_check_steps: int = field(
         default=100,
         metadata={

@@ -23,10 +23,18 @@ import torch
 from torch import nn
 
 from .config import ID3Config
+from .distributed import is_distributed
 from .io import atomic_write
 from .masks import UnmaskedSet
 from .schedulers import Schedule
 from .selection import SCORE_CHUNK, StreamingTopK, TensorScorer, nonzero_rows, split_by_tensor
+from .sparse_grads import (
+    RowSparseEmbeddings,
+    as_coalesced,
+    coalesced_rows,
+    gather_entries,
+    row_sparse_candidates,
+)
 
 STATE_FILE = "id3_state.pt"
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -149,6 +157,12 @@ class ID3Engine:
         self._row_sparse = {
             n for n, p in selectable.items() if id(p) in embeddings and p.numel() >= ROW_SPARSE_MIN_ENTRIES
         }
+        # Row-sparse embedding gradients (`ID3Config.sparse_embedding_grads`, see `configure_sparse_grads`): the
+        # tables that qualify, whether the mode is on, and its forward hooks while training.
+        self._sparse_tables = row_sparse_candidates(model, selectable, ROW_SPARSE_MIN_ENTRIES)
+        self.sparse_grads = False
+        self._sparse_hooks: RowSparseEmbeddings | None = None
+        self.configure_sparse_grads()
         # Low-memory mode (see `configure_low_memory`): gradient hooks, and the backward being scored.
         self.low_memory = bool(self.config.low_memory)
         self._hooks: list = []
@@ -176,6 +190,10 @@ class ID3Engine:
         self.schedule = Schedule(self.config.scheduler, self.budget, total_steps)
         if self.steps_done == 0 and len(self.unmasked) == 0:
             self.method.on_start()
+        if self.sparse_grads and is_distributed():  # the process group may not have existed at configure time
+            self.configure_sparse_grads(auto=True)
+        if self.sparse_grads and self._sparse_tables and self._sparse_hooks is None:
+            self._sparse_hooks = RowSparseEmbeddings(self._sparse_tables)
         if self.configure_low_memory():
             self._install_hooks()
             if self._score_buffer is None and self.unmasked.params:
@@ -198,6 +216,8 @@ class ID3Engine:
         )
         if self.method.describe():
             lines.append(f"  method: {self.method.describe()}")
+        if self.sparse_tables:
+            lines.append(f"  row-sparse embedding gradients: {', '.join(self.sparse_tables)}")
         if self.unmasked.dense:
             where = "inside" if self.config.dense_in_budget else "outside"
             lines.append(
@@ -218,7 +238,9 @@ class ID3Engine:
         small, big = [], []
         for name, p in self.unmasked.params.items():
             if p.grad is not None:
-                (small if p.numel() < SMALL_TENSOR else big).append((name, p.grad))
+                if p.grad.is_sparse:  # summed once here: masking and the optimizer then read the same rows
+                    p.grad = as_coalesced(p.grad)
+                (small if p.numel() < SMALL_TENSOR and not p.grad.is_sparse else big).append((name, p.grad))
         self._push_small(top, scorer, small)
         # Last step's best-scoring tensors first; ties (and the first step) in global order, which also lets
         # chunks that only tie the k-th score be dropped when they come after it.
@@ -234,6 +256,13 @@ class ID3Engine:
         self, top: StreamingTopK, scorer: TensorScorer, name: str, grad: torch.Tensor, pending: list
     ) -> None:
         p, offset, excluded = self.unmasked.params[name], self._offsets[name], self._sorted_unmasked(name)
+        if grad.is_sparse:  # a row-sparse gradient: its rows are given, every other row is exactly zero
+            if scorer.zero_grad_scores_zero:
+                rows, block = coalesced_rows(grad)
+                self._peaks[name] = scorer.push_row_block(top, block, p, offset, rows, excluded)
+                pending.append((name, offset, rows))
+                return
+            grad = grad.to_dense()  # a score that is not 0 at zero gradient must see every row
         if scorer.zero_grad_scores_zero and name in self._row_sparse:
             rows = nonzero_rows(grad)
             if rows is not None:
@@ -341,21 +370,86 @@ class ID3Engine:
         }
         return self.last_stats
 
+    # --------------------------------------------------------------------------------- row-sparse gradients
+    def sparse_grad_blockers(self, loss_scaling: bool = False) -> list[str]:
+        """Why row-sparse embedding gradients cannot be used under these settings (empty list: they can)."""
+        reasons = []
+        if self.config.optimizer != "sparse_adamw":
+            reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
+        if not self.method.sparse_grads:
+            reasons.append(f"method={self.config.method!r} (it reads dense gradients)")
+        if loss_scaling:
+            reasons.append("fp16 loss scaling (the scaler's unscale and norm passes read dense gradients)")
+        if is_distributed():
+            reasons.append("DDP (its gradient all-reduce expects the dense layout)")
+        return reasons
+
+    def configure_sparse_grads(self, loss_scaling: bool = False, auto: bool = False) -> bool:
+        """Decide `ID3Config.sparse_embedding_grads` for these settings; returns whether the mode is on.
+
+        `auto` is what the default (None) means: ID3Trainer passes True, since it clips and takes the gradient
+        norm through the engine; a plain loop keeps dense gradients unless the config says True. An explicit
+        True that cannot apply warns and falls back to dense gradients. Takes effect at `start`.
+        """
+        wanted = self.config.sparse_embedding_grads
+        wanted = auto if wanted is None else wanted
+        reasons = self.sparse_grad_blockers(loss_scaling) if wanted else []
+        if reasons and self.config.sparse_embedding_grads:
+            warnings.warn(
+                f"ID3Config(sparse_embedding_grads=True) cannot apply with {'; '.join(reasons)}. Embedding "
+                "gradients stay dense (the same selection, a slower backward).",
+                stacklevel=2,
+            )
+        self.sparse_grads = bool(wanted) and not reasons
+        return self.sparse_grads
+
+    @property
+    def sparse_tables(self) -> list[str]:
+        """Names of the embedding tables whose backward is row-sparse right now (empty when the mode is off)."""
+        return list(self._sparse_hooks.modules) if self._sparse_hooks is not None else []
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the gradients the optimizer will read, in O(B).
+
+        The norm is `grad_norm()` (masked entries count as 0); every gradient is then scaled by
+        min(1, max_norm / (norm + 1e-6)), as torch does, but selectable tensors only at their unmasked entries
+        (the rest are 0): dense or row-sparse `p.grad`, or the low-memory mode's kept values. Call it after
+        `engine.step()` (masking), before the optimizer step. Returns the norm before clipping.
+        """
+        norm = self.grad_norm()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        selectable = {id(p): name for name, p in self.unmasked.params.items()}
+        whole = []
+        for p in self.model.parameters():
+            name = selectable.get(id(p))
+            idx = None if name is None else self.unmasked.indices_for(p)
+            if p.grad is None:
+                if name is not None and name in self.unmasked.grad_stash:
+                    self.unmasked.grad_stash[name].mul_(coef.to(p.device))
+            elif p.grad.is_sparse:
+                p.grad = as_coalesced(p.grad)
+                p.grad._values().mul_(coef.to(p.device))
+            elif idx is None:
+                whole.append(p.grad)
+            elif idx.numel():
+                flat = p.grad.view(-1)
+                flat.index_copy_(0, idx, flat[idx].mul_(coef.to(p.device)))
+        if whole:
+            torch._foreach_mul_(whole, coef.to(whole[0].device))
+        return norm
+
     # ------------------------------------------------------------------------------------------ low memory
-    def low_memory_blockers(
-        self, accumulation_steps: int = 1, max_grad_norm: float = 0.0, loss_scaling: bool = False
-    ) -> list[str]:
-        """Why the low-memory mode cannot run under these training settings (empty list: it can)."""
+    def low_memory_blockers(self, accumulation_steps: int = 1, loss_scaling: bool = False) -> list[str]:
+        """Why the low-memory mode cannot run under these training settings (empty list: it can).
+
+        Clipping by the global norm is fine as long as it goes through `clip_grad_norm_` (ID3Trainer's does).
+        """
         reasons = []
         if accumulation_steps > 1:
             reasons.append(
                 f"gradient_accumulation_steps={accumulation_steps} (it scores each gradient as backward completes "
                 "it, so it needs the whole step's gradient in one backward)"
-            )
-        if max_grad_norm and max_grad_norm > 0:
-            reasons.append(
-                f"max_grad_norm={max_grad_norm} (clipping by the global norm rescales dense gradients, which this "
-                "mode frees; set max_grad_norm=0)"
             )
         if loss_scaling:
             reasons.append("fp16 loss scaling (the scaler unscales p.grad, which this mode frees; use bf16)")
@@ -400,11 +494,14 @@ class ID3Engine:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(name)))
 
     def remove_hooks(self) -> None:
-        """Uninstall the low-memory gradient hooks, so later backwards leave `p.grad` alone (the Trainer does
-        this at train end; `start` puts them back). Until then the engine runs in the standard mode."""
+        """Uninstall the low-memory gradient hooks and the row-sparse embedding hooks, so later backwards
+        leave `p.grad` alone and dense (the Trainer does this at train end; `start` puts them back)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._pass = [], None
+        if self._sparse_hooks is not None:
+            self._sparse_hooks.remove()
+            self._sparse_hooks = None
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
@@ -432,9 +529,9 @@ class ID3Engine:
                 "exactly one backward per step (no gradient accumulation); set ID3Config(low_memory=False)."
             )
         lm.seen.add(name)
-        grad = p.grad
+        grad = as_coalesced(p.grad) if p.grad.is_sparse else p.grad
         if lm.k > 0:
-            if p.numel() < SMALL_TENSOR:
+            if p.numel() < SMALL_TENSOR and not grad.is_sparse:
                 lm.small.append((name, grad))  # small: kept until the end of backward, scored together
             else:
                 if lm.small and not lm.top.full:  # the head's small tensors first: they set the bar early
@@ -442,7 +539,7 @@ class ID3Engine:
                     lm.small = []
                 self._push_tensor(lm.top, lm.scorer, name, grad, lm.pending)
         idx = self.unmasked.indices[name]
-        self.unmasked.grad_stash[name] = grad.reshape(-1)[idx] if idx.numel() else grad.new_empty(0)
+        self.unmasked.grad_stash[name] = gather_entries(grad, idx) if idx.numel() else p.new_empty(0)
         p.grad = None
 
     def _finish_low_memory_pass(self, k: int) -> bool:
@@ -489,8 +586,10 @@ class ID3Engine:
             idx = None if name is None else self.unmasked.indices_for(p)
             if idx is None:
                 values = None if p.grad is None else p.grad.detach()
+                if values is not None and values.is_sparse:
+                    values = values.coalesce().values()
             elif p.grad is not None:
-                values = p.grad.detach().reshape(-1)[idx]
+                values = gather_entries(p.grad.detach(), idx)
             else:
                 values = self.unmasked.grad_stash.get(name)
             if values is not None and values.numel():

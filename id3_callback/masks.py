@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .sparse_grads import as_coalesced, mask_rows_
+
 
 class UnmaskedSet:
     """Per-tensor flat indices of the entries that may be trained.
@@ -154,6 +156,8 @@ class UnmaskedSet:
         `nonzero_rows` (name -> row indices) says which rows of a gradient may hold a nonzero bit, as found
         by `selection.nonzero_rows` on this very gradient: every other row is already +0.0, so only those
         rows are zeroed (an embedding's 138 rows instead of all 30,522), with a bitwise equal result.
+        A row-sparse gradient (`ID3Config.sparse_embedding_grads`) stays sparse: its rows' values are zeroed
+        except at unmasked entries.
         """
         masked, zero_whole = [], []
         for name, p in self.params.items():
@@ -162,6 +166,9 @@ class UnmaskedSet:
             idx = self.indices[name]
             if idx.numel() == 0:
                 p.grad = None
+            elif idx.numel() < p.numel() and p.grad.is_sparse:  # row-sparse: only its few rows hold values
+                p.grad = as_coalesced(p.grad)
+                mask_rows_(p.grad, idx)
             elif idx.numel() < p.numel():
                 flat = p.grad.view(-1)
                 masked.append((flat, idx, flat[idx]))

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from .masks import UnmaskedSet
+from .sparse_grads import gather_entries
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -109,6 +110,8 @@ class SparseAdamW(torch.optim.Optimizer):
         if idx is not None and idx.numel() == 0:
             return None
         if p.grad is not None:
+            if p.grad.is_sparse:  # a row-sparse embedding gradient (ID3Config.sparse_embedding_grads)
+                return p.grad.to_dense().reshape(-1) if idx is None else gather_entries(p.grad, idx)
             flat = p.grad.reshape(-1)
             return flat if idx is None else flat[idx]
         name = self.unmasked.name_of(p)

@@ -557,9 +557,26 @@ class TensorScorer:
         if rows.numel() == 0:
             return INELIGIBLE
         width = grad[0].numel()
-        g = grad.detach().reshape(-1, width).index_select(0, rows).view(-1)
+        block = grad.detach().reshape(-1, width).index_select(0, rows)
+        return self.push_row_block(top, block, weight, offset, rows, excluded)
+
+    def push_row_block(
+        self,
+        top: StreamingTopK,
+        block: torch.Tensor,
+        weight: torch.Tensor,
+        offset: int,
+        rows: torch.Tensor,
+        excluded: torch.Tensor,
+    ) -> float:
+        """`push_rows` with the rows' gradient already gathered: `block` is (len(rows), width), e.g. the values
+        of a row-sparse gradient. The same caveat: the other rows are owed to `push_zero_rows`."""
+        if rows.numel() == 0:
+            return INELIGIBLE
+        width = block.shape[1]
+        g = block.detach().reshape(-1)
         w = weight.detach().reshape(-1, width).index_select(0, rows).view(-1)
-        cols = torch.arange(width, device=grad.device)
+        cols = torch.arange(width, device=block.device)
         index = (rows[:, None] * width + cols).view(-1) + offset
         ex = excluded[:0]
         if excluded.numel():

@@ -42,13 +42,13 @@ class ID3TrainerMixin:
         self.id3.attach(self.model, seed=self.args.seed)
         # Training batches for methods that need data before training (FISH's Fisher pass).
         self.engine.fisher_batches = partial(trainer_fisher_batches, self)
-        # Low-memory mode needs one backward per step and no clipping of dense gradients; else it warns and
-        # falls back. Its gradient hooks go in at train begin (`engine.start`).
+        # Low-memory mode needs one backward per step; else it warns and falls back. Row-sparse embedding
+        # gradients are on wherever they apply: clipping and the gradient norm below go through the engine.
+        # Both sets of hooks go in at train begin (`engine.start`).
         self.engine.configure_low_memory(
-            accumulation_steps=self.args.gradient_accumulation_steps,
-            max_grad_norm=self.args.max_grad_norm,
-            loss_scaling=bool(self.args.fp16),
+            accumulation_steps=self.args.gradient_accumulation_steps, loss_scaling=bool(self.args.fp16)
         )
+        self.engine.configure_sparse_grads(loss_scaling=bool(self.args.fp16), auto=True)
         # Mask heatmap PNG in output_dir, and W&B mask panels when report_to includes wandb.
         from .logging import attach_logging
 
@@ -92,14 +92,23 @@ class ID3TrainerMixin:
                 self.engine.step()
         return loss
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        # Without clipping the Trainer still takes the norm of every dense gradient each step (a pass over the
-        # whole model, mostly zeros after masking); the engine reads only unmasked entries (O(B)). In
-        # low-memory mode it must: the selectable gradients live in the engine, p.grad is None. Under fp16
-        # the Trainer's pass also unscales the gradients, so it is kept there.
+    def _loss_scaled(self) -> bool:
         scaler = getattr(self.accelerator, "scaler", None)
-        scaled = scaler is not None and scaler.is_enabled()
-        if grad_norm is None and (self.engine.low_memory_active or not scaled):
+        return scaler is not None and scaler.is_enabled()
+
+    def _clip_grad_norm(self, model):
+        # torch's clip_grad_norm_ reads every dense gradient (mostly zeros after masking), cannot read a
+        # row-sparse one, and would miss the low-memory mode's kept values. Masked entries are 0, so scaling
+        # the unmasked ones (the engine, O(B)) scales everything. Under fp16 the Trainer's pass also unscales
+        # the gradients, so it is kept there (neither row-sparse gradients nor low-memory mode run with fp16).
+        if not self._loss_scaled():
+            return self.engine.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Without clipping the Trainer still takes the norm of every dense gradient each step; the engine
+        # reads only unmasked entries (O(B)), as for clipping above.
+        if grad_norm is None and not self._loss_scaled():
             return self.engine.grad_norm()
         return super()._get_grad_norm(model, grad_norm)
 

@@ -168,7 +168,6 @@ def test_a_second_backward_before_step_is_refused():
     "settings, config, needle",
     [
         ({"accumulation_steps": 4}, {}, "gradient_accumulation_steps=4"),
-        ({"max_grad_norm": 1.0}, {}, "max_grad_norm=1.0"),
         ({"loss_scaling": True}, {}, "fp16 loss scaling"),
         ({}, {"optimizer": "trainer"}, "optimizer='trainer'"),
         ({}, {"method": "pafi"}, "method='pafi'"),
@@ -237,11 +236,20 @@ def test_through_the_trainer_same_weights_and_grad_norm(tmp_path):
     assert all(n > 0 for n in norms[1])
 
 
-def test_through_the_trainer_default_clipping_falls_back(tmp_path):
-    with pytest.warns(UserWarning, match="max_grad_norm=1.0"):
-        trainer = train(tmp_path, low_memory=True)  # the Trainer's default max_grad_norm=1.0
-    assert not trainer.engine.low_memory_active
-    assert len(trainer.engine.unmasked) == trainer.engine.budget
+def test_through_the_trainer_clipping_runs_in_low_memory_mode(tmp_path):
+    # clipping goes through engine.clip_grad_norm_, which scales the kept gradient values: no fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        std = train(tmp_path, low_memory=False, max_grad_norm=0.05)
+        low = train(tmp_path, low_memory=True, max_grad_norm=0.05)
+    assert low.engine.low_memory and max(low.grads_before_optimizer) == 0
+    norms = [h["grad_norm"] for h in low.state.log_history if "grad_norm" in h]
+    assert min(norms) > 0.05  # the clip binds on every step
+    assert std.engine.unmasked.fingerprint() == low.engine.unmasked.fingerprint()
+    for a, b in zip(std.model.state_dict().values(), low.model.state_dict().values()):
+        assert torch.equal(a, b)
+    unclipped = train(tmp_path / "unclipped", low_memory=True, max_grad_norm=0.0)
+    assert not torch.equal(unclipped.model.classifier.weight, low.model.classifier.weight)
 
 
 def test_through_the_trainer_accumulation_falls_back(tmp_path):

@@ -23,6 +23,8 @@ class SelectionMethod:
 
     #: True when the method follows the scheduler (grows the set during training).
     incremental = True
+    #: False when the method reads gradients itself and needs them dense (see ID3Config.sparse_embedding_grads).
+    sparse_grads = True
 
     def __init__(self, engine: ID3Engine) -> None:
         self.engine = engine

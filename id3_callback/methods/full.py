@@ -19,6 +19,7 @@ class Full(SelectionMethod):
     """
 
     incremental = False
+    sparse_grads = False  # whole tensors train from their dense gradient
 
     def __init__(self, engine) -> None:
         super().__init__(engine)

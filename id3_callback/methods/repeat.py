@@ -30,6 +30,7 @@ class RepeatD3(SelectionMethod):
     """
 
     incremental = False
+    sparse_grads = False  # scores every p.grad through push_flat, which reads it dense
 
     def __init__(self, engine) -> None:
         super().__init__(engine)

@@ -1,0 +1,239 @@
+"""Row-sparse embedding gradients: bitwise the dense ones, and every reader of gradients accepts them."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
+from torch import nn
+from transformers import TrainerCallback
+
+import id3_callback.engine as engine_mod
+from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW
+from id3_callback.sparse_grads import (
+    RowSparseEmbeddings,
+    coalesced_rows,
+    gather_entries,
+    mask_rows_,
+    row_sparse_candidates,
+)
+
+
+@pytest.fixture
+def tiny_tables(monkeypatch):
+    """Let the tiny models' embeddings (3,200 entries) take the row-sparse path (the default needs 65,536)."""
+    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+
+
+def batches(kind: str, steps: int, size: int = 4, seed: int = 0):
+    data = token_data(n=steps * size, seq=12, kind=kind, seed=seed)
+    for s in range(steps):
+        rows = range(s * size, (s + 1) * size)
+        yield {key: torch.stack([data[i][key] for i in rows]) for key in data.columns}
+
+
+# ------------------------------------------------------------------------------------------------ the backward
+@pytest.mark.parametrize("padding_idx", [None, 0, -1])
+def test_backward_is_bitwise_the_dense_one_with_accumulation(padding_idx):
+    torch.manual_seed(0)
+    dense, sparse = (
+        nn.Embedding(300, 16, padding_idx=padding_idx),
+        nn.Embedding(300, 16, padding_idx=padding_idx),
+    )
+    sparse.load_state_dict(dense.state_dict())
+    hooks = RowSparseEmbeddings({"w": sparse})
+    for _ in range(3):  # three backwards accumulate, with repeated tokens and the padding row
+        ids = torch.randint(0, 40, (6, 20))
+        ids[:, -5:] = 0 if padding_idx is None or padding_idx == 0 else 299
+        upstream = torch.randn(6, 20, 16)
+        out_d, out_s = dense(ids), sparse(input=ids)  # keyword call too
+        assert torch.equal(out_d, out_s)
+        (out_d * upstream).sum().backward()
+        (out_s * upstream).sum().backward()
+    assert sparse.weight.grad.is_sparse and not sparse.weight.grad.is_coalesced()
+    rows, block = coalesced_rows(sparse.weight.grad)
+    rebuilt = torch.zeros_like(dense.weight.grad)
+    rebuilt[rows] = block
+    assert torch.equal(rebuilt, dense.weight.grad)
+    assert rows.numel() < 300 // 2
+    hooks.remove()
+    sparse.weight.grad = None
+    sparse(ids).sum().backward()
+    assert not sparse.weight.grad.is_sparse  # removed: dense again
+
+
+def test_no_grad_forward_is_left_alone():
+    emb = nn.Embedding(50, 4)
+    RowSparseEmbeddings({"w": emb})
+    with torch.no_grad():
+        out = emb(torch.tensor([1, 2]))
+    assert out.grad_fn is None and torch.equal(out, emb.weight[[1, 2]])
+
+
+def test_gather_and_mask_match_dense_indexing():
+    g = torch.zeros(10, 3)
+    g[[2, 7]] = torch.randn(2, 3)
+    sparse = g.to_sparse(sparse_dim=1)
+    idx = torch.tensor([0, 6, 7, 8, 21, 22, 29])
+    assert torch.equal(gather_entries(sparse, idx), g.view(-1)[idx])
+    mask_rows_(sparse, idx)
+    expected = torch.zeros(30)
+    expected[idx] = g.view(-1)[idx]
+    assert torch.equal(sparse.to_dense().view(-1), expected)
+
+
+def test_which_tables_qualify():
+    model = tiny_llama()  # untied: its input embedding qualifies, the output layer is a Linear
+    params = dict(model.named_parameters())
+    assert list(row_sparse_candidates(model, params, 1)) == ["model.embed_tokens.weight"]
+    assert row_sparse_candidates(model, params, 10**9) == {}  # too small
+    t5 = tiny_t5()  # the shared table is tied to the output layer: it gets a dense gradient there anyway
+    assert "shared.weight" not in row_sparse_candidates(t5, dict(t5.named_parameters()), 1)
+    bf16 = tiny_llama().to(torch.bfloat16)  # the dense kernel sums bf16 in another precision
+    assert row_sparse_candidates(bf16, dict(bf16.named_parameters()), 1) == {}
+    model.model.embed_tokens.scale_grad_by_freq = True
+    assert row_sparse_candidates(model, params, 1) == {}
+
+
+# ---------------------------------------------------------------------------------------- through the engine
+def run_plain(
+    sparse: bool, low_memory: bool = False, clip: float | None = None, method: str = "id3", steps=5
+):
+    model = tiny_bert()
+    config = ID3Config(budget=150, sparse_embedding_grads=sparse, low_memory=low_memory, method=method)
+    engine = ID3Engine(model, config)
+    engine.start(steps)
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2, weight_decay=0.01)
+    grads, norms = [], []
+    for batch in batches("cls", steps):
+        model(**batch).loss.backward()
+        engine.step()
+        if clip is not None:
+            norms.append(float(engine.clip_grad_norm_(clip)))
+        emb = model.bert.embeddings.word_embeddings.weight.grad
+        grads.append(None if emb is None else emb.to_dense().clone())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, engine, grads, norms
+
+
+@pytest.mark.parametrize("method", ["id3", "static", "pafi", "random", "increment-magnitude"])
+def test_same_selection_gradients_and_weights_as_dense(tiny_tables, method):
+    dense_model, dense_engine, dense_grads, _ = run_plain(False, method=method)
+    model, engine, grads, _ = run_plain(True, method=method)
+    assert engine.sparse_tables and not dense_engine.sparse_tables
+    assert "bert.embeddings.word_embeddings.weight" in engine.sparse_tables
+    assert "row-sparse embedding gradients: bert.embeddings.word_embeddings.weight" in engine.summary()
+    assert "row-sparse" not in dense_engine.summary()
+    assert engine.unmasked.fingerprint() == dense_engine.unmasked.fingerprint()
+    for a, b in zip(grads, dense_grads):  # the masked embedding gradient, as the optimizer saw it
+        assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(model.state_dict().values(), dense_model.state_dict().values()):
+        assert torch.equal(a, b)
+    if method == "id3":  # the embedding took part: some of its entries were chosen
+        assert engine.unmasked.indices["bert.embeddings.word_embeddings.weight"].numel() > 0
+
+
+def test_low_memory_and_clipping_with_sparse_gradients(tiny_tables):
+    ref_model, ref_engine, _, ref_norms = run_plain(False, clip=0.05)
+    for low_memory in (False, True):
+        model, engine, _, norms = run_plain(True, low_memory=low_memory, clip=0.05)
+        assert engine.low_memory == low_memory and engine.sparse_tables
+        assert norms == ref_norms and min(norms) > 0.05  # the same norm, and the clip binds
+        assert engine.unmasked.fingerprint() == ref_engine.unmasked.fingerprint()
+        for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_clip_matches_torch_on_dense_gradients():
+    model = tiny_bert()
+    engine = ID3Engine(model, ID3Config(budget=150, dense="classifier"))
+    engine.start(3)
+    model(**next(batches("cls", 1))).loss.backward()
+    engine.step()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = dict(model.named_parameters())
+    clones = [nn.Parameter(params[n].detach().clone()) for n in reference]
+    for c, n in zip(clones, reference):
+        c.grad = reference[n].clone()
+    expected = torch.nn.utils.clip_grad_norm_(clones, 0.01)
+    norm = engine.clip_grad_norm_(0.01)
+    assert float(norm) == pytest.approx(float(expected), rel=1e-6) and float(norm) > 0.01
+    for c, n in zip(clones, reference):
+        assert torch.allclose(params[n].grad, c.grad, rtol=1e-6, atol=0)
+
+
+def test_plain_loop_default_is_dense_and_explicit_true_that_cannot_apply_warns(tiny_tables):
+    assert not ID3Engine(tiny_bert(), ID3Config(budget=100)).sparse_grads  # None: off outside the Trainer
+    for config, needle in [
+        ({"optimizer": "trainer"}, "optimizer='trainer'"),
+        ({"method": "repeat"}, "'repeat'"),
+    ]:
+        with pytest.warns(UserWarning, match=needle):
+            engine = ID3Engine(tiny_bert(), ID3Config(budget=100, sparse_embedding_grads=True, **config))
+        engine.start(3)
+        assert not engine.sparse_grads and not engine.sparse_tables
+    engine = ID3Engine(tiny_bert(), ID3Config(budget=100))
+    assert engine.configure_sparse_grads(auto=True)
+    assert not engine.configure_sparse_grads(loss_scaling=True, auto=True)  # auto: off, silently
+
+
+def test_ddp_found_at_start_turns_it_off(tiny_tables, monkeypatch):
+    engine = ID3Engine(tiny_bert(), ID3Config(budget=100))
+    assert engine.configure_sparse_grads(auto=True)  # as ID3Trainer does, before the process group exists
+    monkeypatch.setattr(engine_mod, "is_distributed", lambda: True)
+    engine.start(3)
+    assert not engine.sparse_grads and not engine.sparse_tables
+
+
+# --------------------------------------------------------------------------------------------- the Trainer
+class Layouts(TrainerCallback):
+    """Records the word embedding's gradient layout just before each optimizer step."""
+
+    def __init__(self, model) -> None:
+        self.weight = model.bert.embeddings.word_embeddings.weight
+        self.layouts = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.layouts.append(None if self.weight.grad is None else self.weight.grad.layout)
+
+
+def train(tmp_path, sparse: bool | None, **args):
+    model = tiny_bert()
+    probe = Layouts(model)
+    trainer = ID3Trainer(
+        model=model,
+        args=training_args(tmp_path / str(sparse), weight_decay=0.01, **args),
+        train_dataset=token_data(n=48),
+        callbacks=[ID3Callback(ID3Config(budget=150, sparse_embedding_grads=sparse)), probe],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning on the default path
+        trainer.train()
+    return trainer, probe.layouts
+
+
+def test_trainer_turns_it_on_and_matches_dense_training(tiny_tables, tmp_path):
+    # default max_grad_norm=1.0 and a tight one: clipping goes through the engine, which reads sparse gradients
+    for max_grad_norm in (1.0, 0.05):
+        auto, layouts = train(tmp_path / str(max_grad_norm), None, max_grad_norm=max_grad_norm)
+        dense, dense_layouts = train(tmp_path / str(max_grad_norm), False, max_grad_norm=max_grad_norm)
+        assert torch.sparse_coo in layouts and torch.sparse_coo not in dense_layouts
+        assert auto.engine.unmasked.fingerprint() == dense.engine.unmasked.fingerprint()
+        for a, b in zip(auto.model.state_dict().values(), dense.model.state_dict().values()):
+            assert torch.equal(a, b)
+        norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (auto, dense)]
+        assert norms[0] == norms[1]
+        assert not auto.engine.sparse_tables  # hooks removed at train end: evaluation and analysis see dense
+        auto.model(**next(batches("cls", 1))).loss.backward()
+        assert not auto.model.bert.embeddings.word_embeddings.weight.grad.is_sparse
+
+
+def test_trainer_with_accumulation(tiny_tables, tmp_path):
+    auto, layouts = train(tmp_path, None, gradient_accumulation_steps=3)
+    dense, _ = train(tmp_path, False, gradient_accumulation_steps=3)
+    assert torch.sparse_coo in layouts
+    for a, b in zip(auto.model.state_dict().values(), dense.model.state_dict().values()):
+        assert torch.equal(a, b)
