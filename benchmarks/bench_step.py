@@ -21,7 +21,9 @@ D3 on a warm-up batch), where its per-step work is typical; the official ID3 sta
 cost does not depend on the set size: it scores and masks every entry densely).
 
 A second, shorter phase times the parts of the ID3 step (scoring, selection, masking, optimizer) with
-timers around the engine's internals, and the Trainer's own gradient-norm pass.
+timers around the engine's internals, and the Trainer's own gradient-norm pass. A third alternates the
+`id3` model's steps between row-sparse and dense embedding gradients: the saving on one model, free of
+the placement drift that separates two model copies (see `full_copy`).
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def run(args) -> dict:
     tokenizer = benchutil.minilm_tokenizer()
     batches = benchutil.sst2_batches(
         tokenizer, args.warmup + args.steps + args.breakdown_steps + 1, args.batch, args.seq
-    )
+    )  # the A/B phase reuses the first ones
     variants = build_variants(args, batches[0])
     names = [v.name for v in variants]
     records: dict[str, list[dict]] = {n: [] for n in names}
@@ -200,7 +202,10 @@ def run(args) -> dict:
     # Phase 2: where the ID3 time goes (timers around the engine's parts), plus the Trainer's norm pass.
     timers = StageTimers()
     parts: dict[str, list[dict]] = {}
-    norm_ms: dict[str, list[float]] = {"clip_grad_norm_inf": [], "engine_grad_norm": []}
+    norm_ms: dict[str, list[float]] = {
+        key: []
+        for key in ("clip_grad_norm_inf", "engine_grad_norm", "clip_grad_norm_1", "engine_clip_grad_norm_1")
+    }
     id3_variants = [v for v in variants if v.engine is not None]
     for v in id3_variants:
         timers.install(v.engine)
@@ -212,16 +217,20 @@ def run(args) -> dict:
             t1 = now()
             v.engine.step()
             t2 = now()
-            if (
-                v.name == "id3_dense_grads"
-            ):  # the Trainer's own norm pass (it cannot read row-sparse gradients)
+            if v.name == "id3_dense_grads":  # torch's passes, which cannot read row-sparse gradients
                 a = now()
                 torch.nn.utils.clip_grad_norm_(v.model.parameters(), float("inf"))
                 b = now()
                 v.engine.grad_norm()
                 c = now()
+                torch.nn.utils.clip_grad_norm_(v.model.parameters(), 1.0)
+                d = now()
+                v.engine.clip_grad_norm_(1.0)
+                e = now()
                 norm_ms["clip_grad_norm_inf"].append((b - a) * 1000)
                 norm_ms["engine_grad_norm"].append((c - b) * 1000)
+                norm_ms["clip_grad_norm_1"].append((d - c) * 1000)
+                norm_ms["engine_clip_grad_norm_1"].append((e - d) * 1000)
             t3 = now()
             v.optimizer.step()
             t4 = now()
@@ -245,6 +254,21 @@ def run(args) -> dict:
                 }
             )
     selection_mod.d3_scores = timers.original_d3
+
+    # Phase 3: what the row-sparse embedding gradient saves, on one model (the same memory placement), with
+    # steps alternating between row-sparse and dense embedding gradients (A/B/B/A order).
+    ab: dict[str, list[dict]] = {"sparse": [], "dense": []}
+    id3 = next((v for v in variants if v.name == "id3"), None)
+    if id3 is not None and id3.engine.sparse_tables and args.ab_steps:
+        ab_batches = batches[1 : 1 + args.ab_steps]
+        for i, batch in enumerate(ab_batches):
+            for mode in ("sparse", "dense") if i % 2 == 0 else ("dense", "sparse"):
+                if mode == "dense":
+                    id3.engine.remove_hooks()
+                times = id3.step(batch)
+                if mode == "dense":
+                    id3.engine.start(args.total_steps)  # puts the row-sparse hooks back
+                ab[mode].append(times)
 
     # Results.
     full = records.get("full")
@@ -280,6 +304,14 @@ def run(args) -> dict:
             row["budget"] = v.engine.budget
             row["optimizer_state_bytes"] = v.optimizer.state_bytes()
         out["variants"][v.name] = row
+    if ab["sparse"]:
+        out["row_sparse_ab"] = {
+            mode: {key: median([r[key] for r in rows]) for key in rows[0]} for mode, rows in ab.items()
+        }
+        out["row_sparse_ab"]["steps"] = len(ab["sparse"])
+        out["row_sparse_ab"]["ratio"] = median(
+            [s["step"] / d["step"] for s, d in zip(ab["sparse"], ab["dense"])]
+        )
     if norm_ms["clip_grad_norm_inf"]:
         out["trainer_grad_norm_ms"] = {key: median(val) for key, val in norm_ms.items()}
     id3 = next((v for v in variants if v.name == "id3"), None)
@@ -338,12 +370,24 @@ def markdown(result: dict) -> str:
         "\nLow-memory mode scores inside backward (gradient hooks), so its scoring and selection are part of "
         "its fwd+bwd column; the breakdown columns come from a separate instrumented phase.\n"
     )
+    if "row_sparse_ab" in result:
+        a = result["row_sparse_ab"]
+        s, d = a["sparse"], a["dense"]
+        text += (
+            f"\nRow-sparse embedding gradients A/B on the id3 model, {a['steps']} steps each, alternating: step "
+            f"{s['step']:.0f} ms against {d['step']:.0f} ms with a dense embedding gradient ({a['ratio']:.3f}x); "
+            f"fwd+bwd {s['fwd_bwd']:.0f} against {d['fwd_bwd']:.0f}, engine.step {s['engine']:.1f} against "
+            f"{d['engine']:.1f}, optimizer {s['optimizer']:.1f} against {d['optimizer']:.1f}, zero_grad "
+            f"{s['zero_grad']:.1f} against {d['zero_grad']:.1f} ms.\n"
+        )
     if "trainer_grad_norm_ms" in result:
         g = result["trainer_grad_norm_ms"]
         text += (
             f"\nGradient norm, which the Trainer takes every step (even with max_grad_norm=0): torch's "
             f"clip_grad_norm_(inf) over the dense masked gradients of id3_dense_grads {g['clip_grad_norm_inf']:.2f} ms; "
-            f"the engine's O(B) norm, which ID3Trainer uses instead, {g['engine_grad_norm']:.2f} ms.\n"
+            f"the engine's O(B) norm, which ID3Trainer uses instead, {g['engine_grad_norm']:.2f} ms. Clipping "
+            f"(max_grad_norm=1.0, the Trainer's default): torch's clip_grad_norm_ {g['clip_grad_norm_1']:.2f} ms, "
+            f"the engine's clip_grad_norm_ {g['engine_clip_grad_norm_1']:.2f} ms.\n"
         )
     if "delta" in result:
         d = result["delta"]
@@ -366,6 +410,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=30, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--breakdown-steps", type=int, default=8)
+    parser.add_argument(
+        "--ab-steps", type=int, default=20, help="steps of each mode in the row-sparse gradient A/B (0: skip)"
+    )
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--out", default=str(benchutil.RESULTS / "step.json"))
     args = parser.parse_args(argv)
