@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -138,56 +139,80 @@ def child(args) -> dict:
 
 
 def add_ratios(results: dict) -> None:
-    """Each variant's peak against LoRA's (a ratio) and against the gradient floor's (MiB)."""
-    lora = results.get("lora", {}).get("peak_rss_mb")
+    """Each variant's peak against LoRA's (a ratio) and against the gradient floor's (MiB).
+
+    With repeated rounds, the ratio is the median of the per-round ratios (variants side by side).
+    """
+    lora = results.get("lora", {})
     floor = results.get("grad_floor", {}).get("peak_rss_mb")
     for row in results.values():
-        if lora and "peak_rss_mb" in row:
-            row["vs_lora"] = row["peak_rss_mb"] / lora
+        if lora.get("peak_rss_mb") and "peak_rss_mb" in row:
+            row["vs_lora"] = row["peak_rss_mb"] / lora["peak_rss_mb"]
+            runs, lora_runs = row.get("peak_rss_runs"), lora.get("peak_rss_runs")
+            if runs and lora_runs and len(runs) == len(lora_runs):
+                row["vs_lora_runs"] = [a / b for a, b in zip(runs, lora_runs)]
+                row["vs_lora"] = statistics.median(row["vs_lora_runs"])
         if floor and "peak_rss_mb" in row:
             row["vs_grad_floor_mb"] = round(row["peak_rss_mb"] - floor)
 
 
 def parent(args) -> dict:
+    names = args.variants.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeats):  # rounds rotate the order, so no variant always runs first
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(measure(name, args))
     results = {}
-    for name in args.variants.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
-        cmd += ["--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)]
-        cmd += ["--seq", str(args.seq), "--budget", str(args.budget), "--total-steps", str(args.total_steps)]
-        cmd += ["--checkpointing"] if args.checkpointing else []
-        print(f"[memory] {name} ...", flush=True)
-        env = dict(os.environ)
-        if args.mmap_threshold:  # fixed glibc threshold: freed blocks go back to the OS, RSS = live memory
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results[name] = {
-                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-            }
+    for name in names:
+        ok = [r for r in runs[name] if "peak_rss_mb" in r]
+        if len(ok) < len(runs[name]) or args.repeats == 1:
+            results[name] = runs[name][0] if not ok else ok[0]
             continue
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        results[name] = json.loads(line[len("RESULT ") :])
-        results[name]["measured"] = benchutil.machine()["date"]
-        print(f"[memory] {name}: {json.dumps(results[name])}", flush=True)
+        peaks = [r["peak_rss_mb"] for r in ok]
+        row = dict(ok[0])
+        row["peak_rss_runs"] = peaks
+        row["peak_rss_mb"] = statistics.median(peaks)
+        row["process_max_rss_mb"] = statistics.median(r["process_max_rss_mb"] for r in ok)
+        row["rss_after_setup_mb"] = statistics.median(r["rss_after_setup_mb"] for r in ok)
+        results[name] = row
     add_ratios(results)
-    return {
-        "benchmark": "memory",
-        "setting": {
-            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
-            "data": "XSum train articles, causal LM",
-            "batch": args.batch,
-            "seq": args.seq,
-            "budget_fraction": args.budget,
-            "total_steps": args.total_steps,
-            "steps": args.steps,
-            "threads": args.threads,
-            "malloc_mmap_threshold": args.mmap_threshold or "glibc default (dynamic)",
-            "gradient_checkpointing": args.checkpointing,
-        },
-        "machine": benchutil.machine(),
-        "variants": results,
+    setting = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+        "data": "XSum train articles, causal LM",
+        "batch": args.batch,
+        "seq": args.seq,
+        "budget_fraction": args.budget,
+        "total_steps": args.total_steps,
+        "steps": args.steps,
+        "threads": args.threads,
+        "malloc_mmap_threshold": args.mmap_threshold or "glibc default (dynamic)",
+        "gradient_checkpointing": args.checkpointing,
     }
+    if args.repeats > 1:
+        setting["repeats"] = args.repeats
+    return {"benchmark": "memory", "setting": setting, "machine": benchutil.machine(), "variants": results}
+
+
+def measure(name: str, args) -> dict:
+    """One fresh child process for `name`: its result row (or an error row)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
+    cmd += ["--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)]
+    cmd += ["--seq", str(args.seq), "--budget", str(args.budget), "--total-steps", str(args.total_steps)]
+    cmd += ["--checkpointing"] if args.checkpointing else []
+    print(f"[memory] {name} ...", flush=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:  # fixed glibc threshold: freed blocks go back to the OS, RSS = live memory
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    row = json.loads(line[len("RESULT ") :])
+    row["measured"] = benchutil.machine()["date"]
+    print(f"[memory] {name}: {json.dumps(row)}", flush=True)
+    return row
 
 
 def markdown(result: dict) -> str:
@@ -204,7 +229,12 @@ def markdown(result: dict) -> str:
                 r.get("vs_grad_floor_mb"),
                 r["rss_after_setup_mb"],
                 r["process_max_rss_mb"],
-                f"{r['seconds_per_step']:.1f} s/step",
+                f"{r['seconds_per_step']:.1f} s/step"
+                + (
+                    f"; runs {' / '.join(f'{x:,.0f}' for x in r['peak_rss_runs'])}"
+                    if "peak_rss_runs" in r
+                    else ""
+                ),
             ]
         )
     s = result["setting"]
@@ -213,6 +243,11 @@ def markdown(result: dict) -> str:
         f"budget {100 * s['budget_fraction']:.2f}%, {s['threads']} thread{'s' * (s['threads'] != 1)}, one fresh process per variant "
         f"({result['machine']['date']}, {result['machine']['cpu']}).\n\n"
     )
+    if s.get("repeats"):
+        text += (
+            f"{s['repeats']} rounds of every variant, order rotating: peak = median of the rounds, x LoRA = median "
+            "of the per-round ratios.\n\n"
+        )
     if s.get("gradient_checkpointing"):
         text += "Gradient checkpointing (non-reentrant) for every variant.\n\n"
     if s.get("malloc_mmap_threshold") != "glibc default (dynamic)":
@@ -269,6 +304,12 @@ def main(argv=None) -> dict | None:
         "--checkpointing",
         action="store_true",
         help="gradient checkpointing (non-reentrant) for every variant",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every variant (order rotating); peaks and ratios to LoRA are medians over rounds",
     )
     parser.add_argument("--out", default=str(benchutil.RESULTS / "memory.json"))
     parser.add_argument(

@@ -42,6 +42,10 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ROW_SPARSE_MIN_ENTRIES = 1 << 16
 # Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
 SMALL_TENSOR = 1 << 14
+_TORCH_CLIPPING = (
+    "max_grad_norm > 0 with a transformers version whose Trainer clips inline with torch's clip_grad_norm_, "
+    "which reads only dense p.grad (upgrade transformers, or set max_grad_norm=0)"
+)
 
 
 @dataclass
@@ -371,8 +375,11 @@ class ID3Engine:
         return self.last_stats
 
     # --------------------------------------------------------------------------------- row-sparse gradients
-    def sparse_grad_blockers(self, loss_scaling: bool = False) -> list[str]:
-        """Why row-sparse embedding gradients cannot be used under these settings (empty list: they can)."""
+    def sparse_grad_blockers(self, loss_scaling: bool = False, torch_clipping: bool = False) -> list[str]:
+        """Why row-sparse embedding gradients cannot be used under these settings (empty list: they can).
+
+        `torch_clipping`: the loop clips with `torch.nn.utils.clip_grad_norm_` rather than `clip_grad_norm_`.
+        """
         reasons = []
         if self.config.optimizer != "sparse_adamw":
             reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
@@ -382,9 +389,13 @@ class ID3Engine:
             reasons.append("fp16 loss scaling (the scaler's unscale and norm passes read dense gradients)")
         if is_distributed():
             reasons.append("DDP (its gradient all-reduce expects the dense layout)")
+        if torch_clipping:
+            reasons.append(_TORCH_CLIPPING)
         return reasons
 
-    def configure_sparse_grads(self, loss_scaling: bool = False, auto: bool = False) -> bool:
+    def configure_sparse_grads(
+        self, loss_scaling: bool = False, auto: bool = False, torch_clipping: bool = False
+    ) -> bool:
         """Decide `ID3Config.sparse_embedding_grads` for these settings; returns whether the mode is on.
 
         `auto` is what the default (None) means: ID3Trainer passes True, since it clips and takes the gradient
@@ -393,7 +404,7 @@ class ID3Engine:
         """
         wanted = self.config.sparse_embedding_grads
         wanted = auto if wanted is None else wanted
-        reasons = self.sparse_grad_blockers(loss_scaling) if wanted else []
+        reasons = self.sparse_grad_blockers(loss_scaling, torch_clipping) if wanted else []
         if reasons and self.config.sparse_embedding_grads:
             warnings.warn(
                 f"ID3Config(sparse_embedding_grads=True) cannot apply with {'; '.join(reasons)}. Embedding "
@@ -440,10 +451,13 @@ class ID3Engine:
         return norm
 
     # ------------------------------------------------------------------------------------------ low memory
-    def low_memory_blockers(self, accumulation_steps: int = 1, loss_scaling: bool = False) -> list[str]:
+    def low_memory_blockers(
+        self, accumulation_steps: int = 1, loss_scaling: bool = False, torch_clipping: bool = False
+    ) -> list[str]:
         """Why the low-memory mode cannot run under these training settings (empty list: it can).
 
-        Clipping by the global norm is fine as long as it goes through `clip_grad_norm_` (ID3Trainer's does).
+        Clipping by the global norm is fine as long as it goes through `clip_grad_norm_` (ID3Trainer's does);
+        `torch_clipping` says the loop clips with `torch.nn.utils.clip_grad_norm_` instead.
         """
         reasons = []
         if accumulation_steps > 1:
@@ -453,6 +467,8 @@ class ID3Engine:
             )
         if loss_scaling:
             reasons.append("fp16 loss scaling (the scaler unscales p.grad, which this mode frees; use bf16)")
+        if torch_clipping:
+            reasons.append(_TORCH_CLIPPING)
         if self.config.optimizer != "sparse_adamw":
             reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
         if self._method_score_fn() is None:

@@ -45,10 +45,15 @@ class ID3TrainerMixin:
         # Low-memory mode needs one backward per step; else it warns and falls back. Row-sparse embedding
         # gradients are on wherever they apply: clipping and the gradient norm below go through the engine.
         # Both sets of hooks go in at train begin (`engine.start`).
+        # Trainers that predate the `_clip_grad_norm` hook clip inline with torch, which the engine cannot serve.
+        torch_clipping = self.args.max_grad_norm > 0 and not hasattr(Trainer, "_clip_grad_norm")
+        fp16 = bool(self.args.fp16)
         self.engine.configure_low_memory(
-            accumulation_steps=self.args.gradient_accumulation_steps, loss_scaling=bool(self.args.fp16)
+            accumulation_steps=self.args.gradient_accumulation_steps,
+            loss_scaling=fp16,
+            torch_clipping=torch_clipping,
         )
-        self.engine.configure_sparse_grads(loss_scaling=bool(self.args.fp16), auto=True)
+        self.engine.configure_sparse_grads(loss_scaling=fp16, auto=True, torch_clipping=torch_clipping)
         # Mask heatmap PNG in output_dir, and W&B mask panels when report_to includes wandb.
         from .logging import attach_logging
 
