@@ -104,7 +104,8 @@ def run_plain(
     model = tiny_bert()
     config = ID3Config(budget=150, sparse_embedding_grads=sparse, low_memory=low_memory, method=method)
     engine = ID3Engine(model, config)
-    engine.start(steps)
+    fisher = lambda: ((model(**b).loss, 4) for b in batches("cls", 2, seed=1))  # noqa: E731 (FISH's data)
+    engine.start(steps, fisher_batches=fisher)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2, weight_decay=0.01)
     grads, norms = [], []
     for batch in batches("cls", steps):
@@ -119,7 +120,10 @@ def run_plain(
     return model, engine, grads, norms
 
 
-@pytest.mark.parametrize("method", ["id3", "static", "pafi", "random", "increment-magnitude"])
+@pytest.mark.filterwarnings("ignore:the Fisher estimate", "ignore:method 'bitfit'")
+@pytest.mark.parametrize(
+    "method", ["id3", "static", "pafi", "random", "increment-magnitude", "fish", "bitfit"]
+)
 def test_same_selection_gradients_and_weights_as_dense(tiny_tables, method):
     dense_model, dense_engine, dense_grads, _ = run_plain(False, method=method)
     model, engine, grads, _ = run_plain(True, method=method)
