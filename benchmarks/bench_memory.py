@@ -6,7 +6,7 @@
 Setting (the issue's): SmolLM2-135M-Instruct dequantized to fp32 from the packaged GGUF, causal-LM
 batches of 2 x 256 tokens of real XSum articles, CPU, 2 threads. Each variant runs in its own fresh
 process, one after the other: load the model, build the optimizer (ID3: half the budget already
-unmasked, as mid-training), hand freed heap back to the OS, restart the kernel's peak-RSS counter
+unmasked, as mid-training, the set chosen beforehand in a process of its own), hand freed heap back to the OS, restart the kernel's peak-RSS counter
 (`/proc/self/clear_refs`), then train a few steps and read the peak (VmHWM). That peak is what the
 training steps need on top of nothing: weights, activations, gradients, optimizer state, temporaries,
 and the Python/torch runtime. The peak of the whole process (`ru_maxrss`, including loading) is reported
@@ -25,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -69,19 +70,21 @@ def child(args) -> dict:
         )
         model = get_peft_model(model, config)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True)
-    elif name in ("id3", "id3_low_memory"):
-        start_at = args.total_steps // 2
-        # Mid-training set: half the budget, chosen by D3 on a warm-up batch (before the hooks go in).
+    elif name == "probe":  # not a variant: the mid-training set, chosen in its own process (see `parent`)
         probe = ID3Engine(model, ID3Config(budget=args.budget))
         probe.start(args.total_steps)
         model(**batches[0]).loss.backward()
-        probe.select_top(probe.schedule.target(start_at), probe.method.score_fn())
-        model.zero_grad(set_to_none=True)
+        probe.select_top(probe.schedule.target(args.total_steps // 2), probe.method.score_fn())
+        torch.save(probe.unmasked.state_dict(), args.mask_file)
+        return {"variant": "probe", "unmasked": len(probe.unmasked)}
+    elif name in ("id3", "id3_low_memory"):
+        # Mid-training set: half the budget, chosen by D3 on a warm-up batch. It comes from a file written
+        # by a separate process, so this one, like every other variant's, has run no backward before the
+        # measured steps (a warm-up backward leaves its own heap layout behind).
         engine = ID3Engine(model, ID3Config(budget=args.budget, low_memory=name == "id3_low_memory"))
         engine.start(args.total_steps)
-        engine.unmasked.load_state_dict(probe.unmasked.state_dict())
-        engine.steps_done = start_at
-        del probe
+        engine.unmasked.load_state_dict(torch.load(args.mask_file))
+        engine.steps_done = args.total_steps // 2
         opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=args.lr)
     elif name == "grad_floor":
         # The floor of any method that needs every weight's gradient (ID3, FISH, ...): backward computes
@@ -159,10 +162,16 @@ def add_ratios(results: dict) -> None:
 def parent(args) -> dict:
     names = args.variants.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    for round_ in range(args.repeats):  # rounds rotate the order, so no variant always runs first
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            runs[name].append(measure(name, args))
+    with tempfile.TemporaryDirectory() as tmp:
+        args.mask_file = os.path.join(tmp, "mid_training_set.pt")
+        if {"id3", "id3_low_memory"} & set(names):
+            probe = measure("probe", args)
+            if "error" in probe:
+                raise SystemExit(f"choosing the mid-training set failed: {probe['error']}")
+        for round_ in range(args.repeats):  # rounds rotate the order, so no variant always runs first
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                runs[name].append(measure(name, args))
     results = {}
     for name in names:
         ok = [r for r in runs[name] if "peak_rss_mb" in r]
@@ -200,6 +209,7 @@ def measure(name: str, args) -> dict:
     cmd += ["--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)]
     cmd += ["--seq", str(args.seq), "--budget", str(args.budget), "--total-steps", str(args.total_steps)]
     cmd += ["--checkpointing"] if args.checkpointing else []
+    cmd += ["--mask-file", args.mask_file]
     print(f"[memory] {name} ...", flush=True)
     env = dict(os.environ)
     if args.mmap_threshold:  # fixed glibc threshold: freed blocks go back to the OS, RSS = live memory
@@ -286,6 +296,7 @@ def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mask-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
