@@ -114,6 +114,14 @@ def token_data(n: int = 32, seq: int = 12, vocab: int = 100, kind: str = "cls", 
     raise ValueError(kind)
 
 
+def token_batches(kind: str, steps: int, size: int = 4, seed: int = 0):
+    """`steps` stacked batches of `size` rows of `token_data` (seq 12), for plain training loops."""
+    data = token_data(n=steps * size, seq=12, kind=kind, seed=seed)
+    for s in range(steps):
+        rows = range(s * size, (s + 1) * size)
+        yield {key: torch.stack([data[i][key] for i in rows]) for key in data.columns}
+
+
 MODELS = {
     "mlp": (lambda: MLP(), lambda: mlp_data()),
     "bert": (lambda: tiny_bert(), lambda: token_data(kind="cls")),

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, token_data, training_args
+from conftest import token_batches as batches
 from transformers import TrainerCallback
 
 import id3_callback.engine as engine_mod
@@ -38,14 +39,6 @@ def tied_llama():
 
 
 MODELS = {"bert": (tiny_bert, "cls"), "llama": (tiny_llama, "lm"), "tied_llama": (tied_llama, "lm")}
-
-
-def batches(kind: str, steps: int, size: int = 4):
-    data = token_data(n=steps * size, seq=12, kind=kind)
-    for s in range(steps):
-        yield {
-            key: torch.stack([data[i][key] for i in range(s * size, (s + 1) * size)]) for key in data.columns
-        }
 
 
 def run_plain(

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
+from conftest import token_batches as batches
 from torch import nn
 from transformers import TrainerCallback
 
@@ -25,13 +26,6 @@ from id3_callback.sparse_grads import (
 def tiny_tables(monkeypatch):
     """Let the tiny models' embeddings (3,200 entries) take the row-sparse path (the default needs 65,536)."""
     monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-
-
-def batches(kind: str, steps: int, size: int = 4, seed: int = 0):
-    data = token_data(n=steps * size, seq=12, kind=kind, seed=seed)
-    for s in range(steps):
-        rows = range(s * size, (s + 1) * size)
-        yield {key: torch.stack([data[i][key] for i in rows]) for key in data.columns}
 
 
 # ------------------------------------------------------------------------------------------------ the backward
