@@ -272,9 +272,8 @@ class ID3Engine:
             if rows is not None:
                 self._peaks[name] = scorer.push_rows(top, grad, p, offset, rows, excluded)
                 pending.append((name, offset, rows))
-                if (
-                    self._pass is None
-                ):  # masking then zeroes only these rows (low-memory mode frees the gradient)
+                # Masking then zeroes only these rows (low-memory mode frees the gradient: nothing to mask).
+                if self._pass is None:
                     self._nonzero_rows[name] = (grad, rows)
                 return
             self._row_sparse.discard(name)  # dense (e.g. tied to the output layer): stop checking it
@@ -428,24 +427,20 @@ class ID3Engine:
         (the rest are 0): dense or row-sparse `p.grad`, or the low-memory mode's kept values. Call it after
         `engine.step()` (masking), before the optimizer step. Returns the norm before clipping.
         """
-        norm = self.grad_norm()
+        grads = self._optimizer_grads()  # read once: for the norm, then scaled and written back
+        norm = self._norm(grads)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        selectable = {id(p): name for name, p in self.unmasked.params.items()}
         whole = []
-        for p in self.model.parameters():
-            name = selectable.get(id(p))
-            idx = None if name is None else self.unmasked.indices_for(p)
-            if p.grad is None:
-                if name is not None and name in self.unmasked.grad_stash:
-                    self.unmasked.grad_stash[name].mul_(coef.to(p.device))
+        for p, idx, values in grads:
+            if p.grad is None:  # the low-memory mode's kept values, scaled in place
+                values.mul_(coef.to(p.device))
             elif p.grad.is_sparse:
                 p.grad = as_coalesced(p.grad)
                 p.grad._values().mul_(coef.to(p.device))
             elif idx is None:
                 whole.append(p.grad)
-            elif idx.numel():
-                flat = p.grad.view(-1)
-                flat.index_copy_(0, idx, flat[idx].mul_(coef.to(p.device)))
+            else:
+                p.grad.view(-1).index_copy_(0, idx, values.mul_(coef.to(p.device)))
         if whole:
             torch._foreach_mul_(whole, coef.to(whole[0].device))
         return norm
@@ -595,8 +590,14 @@ class ID3Engine:
 
         O(B) for selectable tensors: it reads only unmasked entries (from `p.grad` or the low-memory stash).
         """
+        return self._norm(self._optimizer_grads())
+
+    def _optimizer_grads(self) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """(parameter, its unmasked indices or None for all of it, the gradient values the optimizer reads)
+        for every parameter with any: the unmasked entries of `p.grad` (a copy), the low-memory mode's kept
+        values (the stash tensor itself), or the whole `p.grad` (a row-sparse one: its values)."""
         selectable = {id(p): name for name, p in self.unmasked.params.items()}
-        norms = []
+        out = []
         for p in self.model.parameters():
             name = selectable.get(id(p))
             idx = None if name is None else self.unmasked.indices_for(p)
@@ -609,9 +610,14 @@ class ID3Engine:
             else:
                 values = self.unmasked.grad_stash.get(name)
             if values is not None and values.numel():
-                norms.append(torch.linalg.vector_norm(values.float()))
-        if not norms:
+                out.append((p, idx, values))
+        return out
+
+    @staticmethod
+    def _norm(grads: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
+        if not grads:
             return torch.zeros(())
+        norms = [torch.linalg.vector_norm(values.float()) for _, _, values in grads]
         # Like torch's clip_grad_norm_: the norm of the per-tensor norms.
         return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 

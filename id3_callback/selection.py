@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .scores import d3_scores, d3_settings
+from .sparse_grads import locate
 
 INELIGIBLE = float("-inf")
 # Score tensors are processed in slices of this many entries, so temporaries stay bounded for huge tensors.
@@ -579,11 +580,9 @@ class TensorScorer:
         cols = torch.arange(width, device=block.device)
         index = (rows[:, None] * width + cols).view(-1) + offset
         ex = excluded[:0]
-        if excluded.numel():
-            ex_rows = excluded // width
-            pos = torch.searchsorted(rows, ex_rows).clamp_(max=rows.numel() - 1)
-            hit = rows[pos] == ex_rows
-            ex = torch.sort(pos[hit] * width + excluded[hit] % width).values
+        if excluded.numel():  # excluded entries of these rows, as positions in the gathered block
+            pos, col, hit = locate(rows, width, excluded)
+            ex = torch.sort(pos[hit] * width + col[hit]).values
         return self.push_gathered(top, g, w, index, ex)
 
     def push_zero_rows(
