@@ -92,18 +92,20 @@ class ID3Config:
         default=False,
         metadata={
             "help": "Score each gradient as soon as backward completes it and free it at once, so dense "
-            "gradients never coexist. Needs gradient_accumulation_steps=1 and no global-norm clipping; "
-            "otherwise falls back to the standard mode with a warning."
+            "gradients never coexist; a table tied to the output layer is scored in blocks and never built "
+            "whole. Needs gradient_accumulation_steps=1, no fp16 loss scaling, and clipping through the "
+            "engine (ID3Trainer's); otherwise falls back to the standard mode with a warning."
         },
     )
     sparse_embedding_grads: bool | None = field(
         default=None,
         metadata={
             "help": "Give large float32 embedding tables a row-sparse gradient: backward writes only the rows "
-            "of the batch's tokens instead of a zero-filled table (bitwise the same values on CPU). None: on "
-            "under ID3Trainer wherever it applies; off in a plain loop, where torch's clip_grad_norm_ cannot "
-            "read it (use engine.clip_grad_norm_). Needs optimizer='sparse_adamw'; not with fp16 loss "
-            "scaling, DDP, or methods 'repeat' and 'full'."
+            "of the batch's tokens instead of a zero-filled table (bitwise the same values on CPU); in "
+            "low-memory mode, tables tied to the output layer too. None: on under ID3Trainer and in "
+            "low-memory mode wherever it applies; otherwise off in a plain loop, where torch's "
+            "clip_grad_norm_ cannot read it (use engine.clip_grad_norm_). Needs optimizer='sparse_adamw'; "
+            "not with fp16 loss scaling, DDP, or methods 'repeat' and 'full'."
         },
     )
     consistency_check_steps: int = field(

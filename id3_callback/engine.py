@@ -30,10 +30,13 @@ from .schedulers import Schedule
 from .selection import SCORE_CHUNK, StreamingTopK, TensorScorer, nonzero_rows, split_by_tensor
 from .sparse_grads import (
     RowSparseEmbeddings,
+    TiedOutputStreams,
     as_coalesced,
     coalesced_rows,
     gather_entries,
+    locate,
     row_sparse_candidates,
+    tied_output_candidates,
 )
 
 STATE_FILE = "id3_state.pt"
@@ -58,6 +61,10 @@ class _LowMemoryPass:
     pending: list = field(default_factory=list)  # (name, offset, rows) of row-sparse tensors
     small: list = field(default_factory=list)  # (name, grad) of small tensors, scored together at the end
     seen: set = field(default_factory=set)
+    # Tied tables whose output-layer rows were scored in backward: name -> (their unmasked entries' gradient
+    # values so far, in the order of `unmasked.indices`, which the optimizer reads; the permutation sorting
+    # that index). The token rows' values are filled in when the rest of the gradient arrives.
+    streamed: dict = field(default_factory=dict)
 
 
 def _match(pattern: str | None, name: str) -> bool:
@@ -163,14 +170,17 @@ class ID3Engine:
         }
         # Row-sparse embedding gradients (`ID3Config.sparse_embedding_grads`, see `configure_sparse_grads`): the
         # tables that qualify, whether the mode is on, and its forward hooks while training.
+        # Tables tied to an output layer qualify in low-memory mode only (`TiedOutputStreams`).
         self._sparse_tables = row_sparse_candidates(model, selectable, ROW_SPARSE_MIN_ENTRIES)
-        self.sparse_grads = False
+        self._tied_tables = tied_output_candidates(model, selectable, ROW_SPARSE_MIN_ENTRIES)
         self._sparse_hooks: RowSparseEmbeddings | None = None
-        self.configure_sparse_grads()
+        self._tied_streams: TiedOutputStreams | None = None
         # Low-memory mode (see `configure_low_memory`): gradient hooks, and the backward being scored.
         self.low_memory = bool(self.config.low_memory)
         self._hooks: list = []
         self._pass: _LowMemoryPass | None = None
+        self.sparse_grads, self._sparse_auto = False, False
+        self.configure_sparse_grads()
 
     # ----------------------------------------------------------------------------------------------- setup
     def parameters(self) -> list[nn.Parameter]:
@@ -196,10 +206,17 @@ class ID3Engine:
             self.method.on_start()
         if self.sparse_grads and is_distributed():  # the process group may not have existed at configure time
             self.configure_sparse_grads(auto=True)
-        if self.sparse_grads and self._sparse_tables and self._sparse_hooks is None:
-            self._sparse_hooks = RowSparseEmbeddings(self._sparse_tables)
         if self.configure_low_memory():
             self._install_hooks()
+        elif self.sparse_grads and self.config.sparse_embedding_grads is None and not self._sparse_auto:
+            # On by default in a plain loop only for the low-memory mode, which has just fallen back.
+            self.sparse_grads = False
+        if self.sparse_grads and self._sparse_tables and self._sparse_hooks is None:
+            self._sparse_hooks = RowSparseEmbeddings(self._sparse_tables)
+        if self.low_memory and self.sparse_grads and self._tied_tables and self._tied_streams is None:
+            # One block of the output layer's gradient: about a score chunk (4 MiB).
+            self._tied_streams = TiedOutputStreams(self._tied_tables, self._on_output_rows, SCORE_CHUNK)
+        if self.low_memory:
             if self._score_buffer is None and self.unmasked.params:
                 # Allocated now, not inside the first backward: a block that lives on, placed among
                 # activations that are about to be freed, keeps the heap from reusing their space.
@@ -222,6 +239,10 @@ class ID3Engine:
             lines.append(f"  method: {self.method.describe()}")
         if self.sparse_tables:
             lines.append(f"  row-sparse embedding gradients: {', '.join(self.sparse_tables)}")
+        if self.streamed_tables:
+            lines.append(
+                f"  tied tables scored in blocks as backward computes them: {', '.join(self.streamed_tables)}"
+            )
         if self.unmasked.dense:
             where = "inside" if self.config.dense_in_budget else "outside"
             lines.append(
@@ -398,11 +419,14 @@ class ID3Engine:
         """Decide `ID3Config.sparse_embedding_grads` for these settings; returns whether the mode is on.
 
         `auto` is what the default (None) means: ID3Trainer passes True, since it clips and takes the gradient
-        norm through the engine; a plain loop keeps dense gradients unless the config says True. An explicit
-        True that cannot apply warns and falls back to dense gradients. Takes effect at `start`.
+        norm through the engine; a plain loop keeps dense gradients unless the config says True or the
+        low-memory mode is on (its hooks free `p.grad` of selectable tensors in backward, so the loop never
+        sees the layout). An explicit True that cannot apply warns and falls back to dense gradients. Takes
+        effect at `start`, which also streams tables tied to an output layer in low-memory mode.
         """
+        self._sparse_auto = auto
         wanted = self.config.sparse_embedding_grads
-        wanted = auto if wanted is None else wanted
+        wanted = (auto or self.low_memory) if wanted is None else wanted
         reasons = self.sparse_grad_blockers(loss_scaling, torch_clipping) if wanted else []
         if reasons and self.config.sparse_embedding_grads:
             warnings.warn(
@@ -417,6 +441,11 @@ class ID3Engine:
     def sparse_tables(self) -> list[str]:
         """Names of the embedding tables whose backward is row-sparse right now (empty when the mode is off)."""
         return list(self._sparse_hooks.modules) if self._sparse_hooks is not None else []
+
+    @property
+    def streamed_tables(self) -> list[str]:
+        """Names of the tied tables whose gradient is never built whole right now (low-memory mode only)."""
+        return list(self._tied_streams.tables) if self._tied_streams is not None else []
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -513,6 +542,9 @@ class ID3Engine:
         if self._sparse_hooks is not None:
             self._sparse_hooks.remove()
             self._sparse_hooks = None
+        if self._tied_streams is not None:
+            self._tied_streams.remove()
+            self._tied_streams = None
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
@@ -523,17 +555,47 @@ class ID3Engine:
 
         return hook
 
-    def _on_grad_ready(self, name: str, p: torch.Tensor) -> None:
-        """Low-memory mode, as backward completes `p.grad`: score it into the running top-k (each candidate
-        keeps its gradient value), stash the gradient values of the unmasked entries, and free the gradient."""
-        lm = self._pass
-        if lm is None:
+    def _current_pass(self) -> _LowMemoryPass:
+        """The low-memory scoring of the backward in progress (begun by the first gradient to arrive)."""
+        if self._pass is None:
             if self.schedule is None:
                 raise RuntimeError("call engine.start(total_steps) before the first backward.")
             k = self.schedule.target(self.steps_done + 1) - len(self.unmasked)
             scorer = TensorScorer(self._method_score_fn(), keep_grads=True, buffer=self._score_buffer)
-            lm = self._pass = _LowMemoryPass(k, StreamingTopK(k), scorer)
+            self._pass = _LowMemoryPass(k, StreamingTopK(k), scorer)
             self.unmasked.grad_stash.clear()
+        return self._pass
+
+    def _on_output_rows(
+        self, name: str, first_row: int, block: torch.Tensor, token_rows: torch.Tensor
+    ) -> None:
+        """Low-memory mode, tied table `name`: rows [first_row, first_row + len(block)) of its output layer's
+        gradient, final except `token_rows` (block-local), which the embedding adds to and `p.grad` brings
+        later. Scores the final rows and keeps the values of unmasked entries among them."""
+        lm = self._current_pass()
+        p, excluded = self.unmasked.params[name], self._sorted_unmasked(name)
+        width = block.shape[1]
+        lo, hi = first_row * width, (first_row + block.shape[0]) * width
+        if name not in lm.streamed:
+            idx = self.unmasked.indices[name]
+            lm.streamed[name] = (block.new_zeros(idx.numel()), torch.argsort(idx))
+        kept, order = lm.streamed[name]
+        a, b = torch.searchsorted(excluded, torch.tensor([lo, hi], device=excluded.device)).tolist()
+        if b > a:
+            kept[order[a:b]] = block.view(-1)[excluded[a:b] - lo]
+        if lm.k <= 0:
+            return
+        skip = excluded[a:b] - lo
+        if token_rows.numel():  # their score waits for the embedding's rows: ineligible here
+            cols = torch.arange(width, device=token_rows.device)
+            skip = torch.unique(torch.cat([skip, (token_rows[:, None] * width + cols).view(-1)]))
+        rows = p.detach()[first_row : first_row + block.shape[0]]
+        lm.scorer.push_flat(lm.top, block, rows, self._offsets[name] + lo, skip)
+
+    def _on_grad_ready(self, name: str, p: torch.Tensor) -> None:
+        """Low-memory mode, as backward completes `p.grad`: score it into the running top-k (each candidate
+        keeps its gradient value), stash the gradient values of the unmasked entries, and free the gradient."""
+        lm = self._current_pass()
         if name in lm.seen:
             raise RuntimeError(
                 f"low_memory=True: {name} received a second gradient before engine.step(). This mode needs "
@@ -541,6 +603,9 @@ class ID3Engine:
             )
         lm.seen.add(name)
         grad = as_coalesced(p.grad) if p.grad.is_sparse else p.grad
+        if name in lm.streamed:
+            self._finish_streamed(lm, name, p, grad)
+            return
         if lm.k > 0:
             if p.numel() < SMALL_TENSOR and not grad.is_sparse:
                 lm.small.append((name, grad))  # small: kept until the end of backward, scored together
@@ -553,9 +618,33 @@ class ID3Engine:
         self.unmasked.grad_stash[name] = gather_entries(grad, idx) if idx.numel() else p.new_empty(0)
         p.grad = None
 
+    def _finish_streamed(self, lm: _LowMemoryPass, name: str, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """A streamed tied table's `p.grad`: the token rows, the only ones not scored yet (see `_on_output_rows`)."""
+        if not grad.is_sparse:
+            raise RuntimeError(
+                f"{name}: a use other than its embedding and output layer added a dense gradient, after the "
+                "output layer's rows were already scored as final. Set ID3Config(sparse_embedding_grads=False) "
+                "for this model."
+            )
+        rows, block = coalesced_rows(grad)
+        if lm.k > 0:
+            offset, excluded = self._offsets[name], self._sorted_unmasked(name)
+            lm.scorer.push_row_block(lm.top, block, p, offset, rows, excluded)  # no zero rows owed
+        (kept, _), idx = lm.streamed.pop(name), self.unmasked.indices[name]
+        pos, col, hit = locate(rows, block.shape[1], idx)
+        kept[hit] = block[pos[hit], col[hit]]
+        self.unmasked.grad_stash[name] = kept.to(p.dtype)
+        p.grad = None
+
     def _finish_low_memory_pass(self, k: int) -> bool:
         """Low-memory counterpart of `method.on_step(k)`: unmask the winners, stash their gradient values."""
         lm, self._pass = self._pass, None
+        if self._tied_streams is not None:
+            self._tied_streams.reset()
+        if lm is not None and lm.streamed:  # a backward that never reached these tables' `p.grad`
+            raise RuntimeError(
+                f"low_memory: the gradient of {sorted(lm.streamed)} never completed before step()."
+            )
         if lm is None or k <= 0:
             return True
         self._score_buffer = lm.scorer.buffer

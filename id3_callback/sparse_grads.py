@@ -14,6 +14,10 @@ gets a dense gradient there anyway) and without `scale_grad_by_freq`. Everything
 gradients (scoring, masking, `SparseAdamW`, the gradient norm and clipping) accepts the sparse layout;
 `torch.nn.utils.clip_grad_norm_` does not, so clip with `ID3Engine.clip_grad_norm_` (ID3Trainer does).
 
+A table tied to the output layer (most causal LMs, T5) gets a dense gradient from that layer; in the
+low-memory mode `TiedOutputStreams` scores that part block by block as backward computes it, so the
+table's gradient is never built whole either.
+
 Example:
     >>> emb = nn.Embedding(100, 4)
     >>> handle = RowSparseEmbeddings({"w": emb})
@@ -23,6 +27,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,6 +82,199 @@ def row_sparse_candidates(model: nn.Module, params: dict[str, nn.Parameter], min
         and p.dim() == 2
         and p.numel() >= min_entries
     }
+
+
+def tied_output_candidates(model: nn.Module, params: dict[str, nn.Parameter], min_entries: int) -> dict:
+    """{parameter name: (its nn.Embedding modules, its output nn.Linear)} for tables used by embeddings and one
+    output layer and nothing else (tied input and output embeddings, as in most causal LMs and T5, whose encoder
+    and decoder each hold an embedding module on the shared table): see `TiedOutputStreams`."""
+    users: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                users.setdefault(id(p), []).append(module)
+    out = {}
+    for name, p in params.items():
+        found = users.get(id(p), [])
+        if p.dtype != torch.float32 or p.dim() != 2 or p.numel() < min_entries:
+            continue
+        embeddings = [m for m in found if isinstance(m, nn.Embedding)]
+        heads = [m for m in found if type(m) is nn.Linear]
+        if (
+            embeddings
+            and len(heads) == 1
+            and len(embeddings) + 1 == len(found)
+            and all(m.weight is p and not m.sparse and not m.scale_grad_by_freq for m in embeddings)
+            and heads[0].weight is p
+            and heads[0].bias is None  # its gradient would be one more sum to reproduce bit for bit
+        ):
+            out[name] = (tuple(embeddings), heads[0])
+    return out
+
+
+# Output-layer gradient blocks have at least this many rows. MKL computes a product of a handful of rows with
+# other kernels, whose sums round differently (measured: 1-8 rows differ from the whole product on 1 thread,
+# 9 on 2 threads; 12 and up match); from 32 rows up every block is bitwise the rows of the whole product.
+MIN_BLOCK_ROWS = 32
+
+
+class _StreamedOutput(torch.autograd.Function):
+    """`F.linear(input, weight)` whose weight gradient is handed to a `_TiedTable` (see `TiedOutputStreams`)."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, table: _TiedTable) -> torch.Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.table = table
+        return F.linear(input, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        input, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        h = input.reshape(-1, input.shape[-1])
+        # The products autograd's linear backward computes, in the same layout (bitwise the same on CPU).
+        grad_input = g.mm(weight).view(input.shape) if ctx.needs_input_grad[0] else None
+        return grad_input, ctx.table.weight_grad(g, h), None
+
+
+class _TiedTable:
+    """One tied table's state for the forward in progress: the token ids its embedding saw, and how many times
+    its output layer ran (with grad)."""
+
+    def __init__(
+        self,
+        name: str,
+        embeddings: tuple[nn.Embedding, ...],
+        head: nn.Linear,
+        sink: Callable,
+        block_entries: int,
+    ):
+        self.name, self.embeddings, self.head, self.sink = name, embeddings, head, sink
+        self.block_rows = max(MIN_BLOCK_ROWS, block_entries // head.weight.shape[1])
+        self.tokens: list[torch.Tensor] = []
+        self.streamed_calls = self.plain_calls = 0
+
+    def reset(self) -> None:
+        self.tokens, self.streamed_calls, self.plain_calls = [], 0, 0
+
+    def weight_grad(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The output layer's contribution to the table's gradient, (tokens x vocab)^T @ (tokens x width).
+
+        Streamed when the output layer ran once: the rows of the embedding's tokens come back as a row-sparse
+        gradient (the embedding adds to exactly those rows); every other row is final already, so the sink
+        scores it block by block and no vocab-sized gradient ever exists. Otherwise the dense product.
+        """
+        tokens, alone = self.tokens, self.streamed_calls == 1 and self.plain_calls == 0
+        self.reset()
+        if not alone:  # another output pass adds to every row: none is final before the sum
+            return g.t().mm(h)
+        rows = torch.unique(torch.cat([t.reshape(-1) for t in tokens])) if tokens else g.new_empty(0).long()
+        rows = rows.to(g.device)
+        height, width = g.shape[1], h.shape[1]
+        values = g.new_empty(rows.numel(), width)
+        starts = list(range(0, height, self.block_rows))
+        if len(starts) > 1 and height - starts[-1] < MIN_BLOCK_ROWS:
+            starts.pop()  # a short tail joins the block before it
+        bounds = [*starts, height]
+        edges = torch.searchsorted(rows, torch.tensor(bounds, device=rows.device)).tolist()
+        for i, first in enumerate(starts):
+            block = g[:, first : bounds[i + 1]].t().mm(h)  # rows [first, next start) of g^T @ h
+            local = rows[edges[i] : edges[i + 1]] - first
+            if local.numel():
+                values[edges[i] : edges[i + 1]] = block.index_select(0, local)
+            self.sink(self.name, first, block, local)
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0), values, (height, width), is_coalesced=True, check_invariants=False
+        )
+
+
+class TiedOutputStreams:
+    """Backward never builds the vocab-sized gradient of a table tied between input embedding and output layer.
+
+    Such a table gets two contributions: the output layer's, dense (every vocabulary row), and the input
+    embedding's, only in the rows of the batch's tokens. Autograd sums them into one table-sized gradient
+    that lives from the first step of backward (the output layer) to the last (the embedding): 108 MiB for
+    SmolLM2's 49,152 x 576 table, about the gap between LoRA's peak and the gradient floor of
+    `benchmarks/bench_memory.py` (every gradient built, then dropped at once).
+
+    Here the embedding records its token ids and returns a row-sparse gradient (as `RowSparseEmbeddings`),
+    and the output layer's backward computes its weight gradient in blocks of whole rows, about
+    `block_entries` entries each. A row outside the token set gets nothing more from the embedding, so its
+    block values are final and go to `sink(name, first_row, block, token_rows_in_block)` at once; the token
+    rows come back to autograd as a row-sparse gradient, to which the embedding's rows are added, and reach
+    `p.grad` as usual. On CPU every value is bitwise the dense path's (the same products, see
+    `MIN_BLOCK_ROWS`; a + b summed the same way). Used by the low-memory mode, whose hooks free `p.grad`
+    anyway. If the output layer runs more than once before a backward (or under autocast), its gradient is
+    dense, as without this class.
+
+    Example:
+        >>> emb = nn.Embedding(100, 4); head = nn.Linear(4, 100, bias=False); head.weight = emb.weight
+        >>> seen = []
+        >>> streams = TiedOutputStreams({"w": ((emb,), head)}, lambda *a: seen.append(a[1]), block_entries=256)
+        >>> head(emb(torch.tensor([[3, 3, 7]]))).sum().backward()
+        >>> seen, coalesced_rows(emb.weight.grad)[0].tolist()
+        ([0, 64], [3, 7])
+    """
+
+    def __init__(
+        self,
+        tables: dict[str, tuple[tuple[nn.Embedding, ...], nn.Linear]],
+        sink: Callable,
+        block_entries: int,
+    ) -> None:
+        self.tables = {name: _TiedTable(name, e, h, sink, block_entries) for name, (e, h) in tables.items()}
+        self._handles = []
+        self._heads = []
+        for table in self.tables.values():
+            for embedding in table.embeddings:
+                hook = self._embedding_hook(table)
+                self._handles.append(embedding.register_forward_hook(hook, with_kwargs=True))
+            head = table.head
+            self._heads.append((head, head.__dict__.get("forward")))
+            head.forward = self._head_forward(table, head.forward)  # the class's (or an earlier wrapper's)
+
+    @staticmethod
+    def _embedding_hook(table: _TiedTable) -> Callable:
+        def hook(module: nn.Embedding, args: tuple, kwargs: dict, output: torch.Tensor):
+            if not (torch.is_grad_enabled() and module.weight.requires_grad):
+                return None
+            input = args[0] if args else kwargs["input"]
+            table.tokens.append(input.detach())
+            return _RowSparseEmbedding.apply(input, module.weight, module.padding_idx)
+
+        return hook
+
+    @staticmethod
+    def _head_forward(table: _TiedTable, forward: Callable) -> Callable:
+        # The output layer's own forward is replaced, not hooked: a forward hook would run after the vocab-sized
+        # logits are already computed once.
+        def streamed_forward(input: torch.Tensor) -> torch.Tensor:
+            weight = table.head.weight
+            if not (torch.is_grad_enabled() and weight.requires_grad):
+                return forward(input)
+            if torch.is_autocast_enabled(input.device.type) or table.head.bias is not None:
+                table.plain_calls += 1  # another precision, or a bias: autograd's own dense gradient
+                return forward(input)
+            table.streamed_calls += 1
+            return _StreamedOutput.apply(input, weight, table)
+
+        return streamed_forward
+
+    def reset(self) -> None:
+        """Forget forwards that had no backward (the engine calls this every optimizer step)."""
+        for table in self.tables.values():
+            table.reset()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for head, previous in self._heads:
+            if previous is None:
+                del head.forward
+            else:
+                head.forward = previous
+        self._handles, self._heads = [], []
 
 
 class RowSparseEmbeddings:

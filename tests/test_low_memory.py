@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, token_data, training_args
+from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
 from conftest import token_batches as batches
 from transformers import TrainerCallback
 
@@ -38,7 +38,13 @@ def tied_llama():
     return model
 
 
-MODELS = {"bert": (tiny_bert, "cls"), "llama": (tiny_llama, "lm"), "tied_llama": (tied_llama, "lm")}
+MODELS = {
+    "bert": (tiny_bert, "cls"),
+    "llama": (tiny_llama, "lm"),
+    "tied_llama": (tied_llama, "lm"),
+    "t5": (tiny_t5, "s2s"),  # one table: encoder and decoder embeddings, tied output layer
+}
+TIED = {"tied_llama": ["model.embed_tokens.weight"], "t5": ["shared.weight"]}
 
 
 def run_plain(
@@ -74,12 +80,14 @@ def test_low_memory_selects_the_same_entries_and_gives_bitwise_equal_weights(
 ):
     if variant == "row_sparse":  # tiny embeddings take the row-sparse path, in small chunks
         monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+        monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # a tied output layer in blocks of 2 rows
         monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
     if variant == "per_tensor":
         monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
     std_model, std, std_sets, std_left = run_plain(model_name, low_memory=False)
     low_model, low, low_sets, low_left = run_plain(model_name, low_memory=True)
     assert not std.low_memory_active and low.low_memory_active
+    assert low.streamed_tables == (TIED.get(model_name, []) if variant == "row_sparse" else [])
     assert len(low.unmasked) == low.budget == 300
     for step, (a, b) in enumerate(zip(std_sets, low_sets)):
         for name in a:  # same entries, joined in the same order
@@ -98,6 +106,56 @@ def test_low_memory_under_gradient_checkpointing(model_name):
     assert all(torch.equal(a[n], b[n]) for a, b in zip(std_sets, low_sets) for n in a)
     for a, b in zip(std_model.state_dict().values(), low_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("model_name", list(TIED))
+def test_a_tied_tables_gradient_is_never_built_whole(model_name, monkeypatch):
+    """The point of streaming a tied table: no (vocab x width) tensor exists in backward, in either mode it
+    would otherwise: the output layer's dense contribution, or the sum autograd keeps until the embedding's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:  # dense storage only
+                    self.seen.add((tuple(t.shape), t.untyped_storage().data_ptr()))
+            return out
+
+    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # blocks of 32 rows (of 100)
+    make, kind = MODELS[model_name]
+    table_shapes = {}
+    for streamed in (False, True):
+        model = make()
+        table = dict(model.named_parameters())[TIED[model_name][0]]
+        engine = ID3Engine(model, ID3Config(budget=300, low_memory=True, sparse_embedding_grads=streamed))
+        engine.start(3)
+        assert engine.streamed_tables == (TIED[model_name] if streamed else [])
+        loss = model(**next(batches(kind, 1))).loss
+        with Shapes() as shapes:
+            loss.backward()
+        engine.step()
+        weight = table.untyped_storage().data_ptr()  # views of the weight (detach, slices) are no gradient
+        table_shapes[streamed] = any(shape == table.shape and at != weight for shape, at in shapes.seen)
+        assert len(engine.unmasked) == 100
+    assert table_shapes == {False: True, True: False}
+
+
+def test_a_third_use_of_a_streamed_table_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    model = tied_llama()
+    engine = ID3Engine(model, ID3Config(budget=300, low_memory=True))
+    engine.start(3)
+    assert engine.streamed_tables
+    loss = model(**next(batches("lm", 1))).loss
+    loss = loss + model.model.embed_tokens.weight.pow(2).sum()  # a dense gradient from outside both modules
+    with pytest.raises(RuntimeError, match="sparse_embedding_grads=False"):
+        loss.backward()
 
 
 def test_low_memory_with_exponent_and_a_budget_reached_early():
@@ -192,21 +250,24 @@ class GradsBeforeOptimizer(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.counts.append(sum(p.grad is not None for p in self.engine.unmasked.params.values()))
+        self.streamed = self.engine.streamed_tables
 
 
-def train(tmp_path, low_memory: bool, **args):
-    model = tiny_bert()
+def train(tmp_path, low_memory: bool, model_name: str = "bert", **args):
+    make, kind = MODELS[model_name]
     callback = ID3Callback(ID3Config(budget=120, low_memory=low_memory))
     probe = GradsBeforeOptimizer()
+    data = token_data(n=48, kind=kind)
     trainer = ID3Trainer(
-        model=model,
+        model=make(),
         args=training_args(tmp_path / str(low_memory), logging_steps=1, weight_decay=0.01, **args),
-        train_dataset=token_data(n=48),
+        train_dataset=data,
+        eval_dataset=token_data(n=8, kind=kind, seed=1),
         callbacks=[callback, probe],
     )
     probe.engine = trainer.engine
     trainer.train()
-    trainer.grads_before_optimizer = probe.counts
+    trainer.grads_before_optimizer, trainer.streamed = probe.counts, probe.streamed
     return trainer
 
 
@@ -243,6 +304,23 @@ def test_through_the_trainer_clipping_runs_in_low_memory_mode(tmp_path):
         assert torch.equal(a, b)
     unclipped = train(tmp_path / "unclipped", low_memory=True, max_grad_norm=0.0)
     assert not torch.equal(unclipped.model.classifier.weight, low.model.classifier.weight)
+
+
+def test_through_the_trainer_a_tied_table_streams_with_the_same_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # the output layer's gradient in blocks of 32 rows
+    # clipping that binds, and evaluations (no-grad forwards of the output layer) between the steps
+    args = dict(model_name="tied_llama", max_grad_norm=0.05, eval_strategy="steps", eval_steps=2)
+    std = train(tmp_path, low_memory=False, **args)
+    low = train(tmp_path, low_memory=True, **args)
+    assert low.streamed == ["model.embed_tokens.weight"] and std.streamed == []
+    assert max(low.grads_before_optimizer) == 0
+    assert std.engine.unmasked.fingerprint() == low.engine.unmasked.fingerprint()
+    for a, b in zip(std.model.state_dict().values(), low.model.state_dict().values()):
+        assert torch.equal(a, b)
+    evals = [[h["eval_loss"] for h in t.state.log_history if "eval_loss" in h] for t in (std, low)]
+    assert len(evals[0]) == 3 and evals[0] == evals[1]
+    assert "forward" not in low.model.lm_head.__dict__  # the output layer's own forward again after training
 
 
 def test_through_the_trainer_accumulation_falls_back(tmp_path):

@@ -386,7 +386,8 @@ def test_low_memory_row_path_keeps_no_reference_to_freed_gradients(monkeypatch):
     data = token_data(n=2, seq=6, kind="cls")
     batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
     model = tiny_bert()
-    engine = ID3Engine(model, ID3Config(budget=400, low_memory=True))
+    # A dense embedding gradient (the low-memory mode would make it row-sparse by default): the row scan
+    engine = ID3Engine(model, ID3Config(budget=400, low_memory=True, sparse_embedding_grads=False))
     engine.start(4)
     rows_seen = []
     push_rows = TensorScorer.push_rows

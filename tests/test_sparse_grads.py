@@ -15,10 +15,12 @@ import id3_callback.engine as engine_mod
 from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW
 from id3_callback.sparse_grads import (
     RowSparseEmbeddings,
+    TiedOutputStreams,
     coalesced_rows,
     gather_entries,
     mask_rows_,
     row_sparse_candidates,
+    tied_output_candidates,
 )
 
 
@@ -89,6 +91,101 @@ def test_which_tables_qualify():
     assert row_sparse_candidates(bf16, dict(bf16.named_parameters()), 1) == {}
     model.model.embed_tokens.scale_grad_by_freq = True
     assert row_sparse_candidates(model, params, 1) == {}
+
+
+# ------------------------------------------------------------------------------------- tied output layers
+class TiedLM(nn.Module):
+    """Embedding -> one layer -> output layer sharing the embedding's table, the shape of a tied causal LM."""
+
+    def __init__(self, vocab: int = 210, width: int = 8, padding_idx: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width, padding_idx=padding_idx)
+        self.mid = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor, extra_head_call: bool = False) -> torch.Tensor:
+        logits = self.head(torch.tanh(self.mid(self.embed(ids))))
+        if extra_head_call:
+            logits = logits + self.head(torch.ones(1, self.mid.out_features))
+        return logits
+
+
+def tied_pair(padding_idx=None):
+    dense, streamed = TiedLM(padding_idx=padding_idx), TiedLM(padding_idx=padding_idx)
+    blocks = []
+    sink = lambda name, first, block, rows: blocks.append((first, block.clone(), rows.clone()))  # noqa: E731
+    tables = tied_output_candidates(streamed, dict(streamed.named_parameters()), 1)
+    return dense, streamed, TiedOutputStreams(tables, sink, block_entries=40 * 8), blocks
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_tied_output_gradient_arrives_in_two_parts_that_are_bitwise_the_dense_one(padding_idx):
+    dense, streamed, streams, blocks = tied_pair(padding_idx)
+    ids = torch.tensor([[3, 9, 9, 41, 3], [0, 9, 207, 3, 3]])
+    upstream = torch.randn(2, 5, 210)
+    (dense(ids) * upstream).sum().backward()
+    (streamed(ids) * upstream).sum().backward()
+    ref = dense.embed.weight.grad
+    # 210 rows in blocks of 40 (320 entries): every row arrives once, in order; the 10-row tail joins the
+    # block before it (products of a few rows would round differently)
+    assert [(first, len(block)) for first, block, _ in blocks] == [
+        (0, 40),
+        (40, 40),
+        (80, 40),
+        (120, 40),
+        (160, 50),
+    ]
+    token_rows = torch.tensor([0, 3, 9, 41, 207])
+    assert torch.equal(torch.cat([rows + first for first, _, rows in blocks]), token_rows)
+    rebuilt = torch.cat([block for _, block, _ in blocks])  # the output layer's part, every row
+    grad = streamed.embed.weight.grad
+    assert grad.is_sparse  # no vocab-sized gradient reached autograd
+    rows, values = coalesced_rows(grad)
+    assert torch.equal(rows, token_rows)  # the token rows only, the padding row included
+    rebuilt[rows] = values  # ... which the embedding completed
+    assert torch.equal(rebuilt, ref)
+    assert torch.equal(
+        streamed.mid.weight.grad, dense.mid.weight.grad
+    )  # the input gradient is autograd's too
+
+
+def test_tied_output_called_twice_or_without_grad_falls_back_to_the_dense_gradient():
+    dense, streamed, streams, blocks = tied_pair()
+    ids = torch.tensor([[1, 2, 2]])
+    with torch.no_grad():  # evaluation: left alone, and not counted as a call
+        assert torch.equal(streamed(ids), dense(ids))
+    dense(ids, extra_head_call=True).sum().backward()
+    streamed(ids, extra_head_call=True).sum().backward()  # two output passes: no row is final alone
+    assert blocks == [] and not streamed.embed.weight.grad.is_sparse
+    assert torch.equal(streamed.embed.weight.grad, dense.embed.weight.grad)
+    streamed.zero_grad(set_to_none=True)
+    streamed(ids).sum().backward()  # the next forward streams again
+    assert streamed.embed.weight.grad.is_sparse and len(blocks) == 5
+    streams.remove()
+    assert "forward" not in streamed.head.__dict__  # the class's forward again
+    streamed.zero_grad(set_to_none=True)
+    streamed(ids).sum().backward()
+    assert not streamed.embed.weight.grad.is_sparse and len(blocks) == 5
+
+
+def test_which_tied_tables_qualify():
+    model = TiedLM()
+    params = dict(model.named_parameters())
+    assert list(tied_output_candidates(model, params, 1)) == ["embed.weight"]
+    assert tied_output_candidates(model, params, 10**9) == {}  # too small
+    t5 = tiny_t5()  # encoder, decoder (and the unused `shared`) embeddings, one output layer
+    embeddings, head = tied_output_candidates(t5, dict(t5.named_parameters()), 1)["shared.weight"]
+    assert len(embeddings) == 3 and head is t5.lm_head
+    untied = tiny_llama()
+    assert tied_output_candidates(untied, dict(untied.named_parameters()), 1) == {}
+    model.head.bias = nn.Parameter(torch.zeros(210))  # one more sum to reproduce: not streamed
+    assert tied_output_candidates(model, params, 1) == {}
+    model = TiedLM()
+    model.other = nn.Linear(8, 210, bias=False)
+    model.other.weight = model.embed.weight  # a third user
+    assert tied_output_candidates(model, dict(model.named_parameters()), 1) == {}
 
 
 # ---------------------------------------------------------------------------------------- through the engine

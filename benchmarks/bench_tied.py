@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""What streaming a tied table costs in step time: the low-memory mode on SmolLM2-135M, one model, steps
+alternating between the streamed output layer (the default) and autograd's dense gradient of the tied table.
+
+    python benchmarks/bench_tied.py          # writes benchmarks/results/tied.json + tied.md
+
+Setting: the memory benchmark's (SmolLM2-135M-Instruct dequantized to fp32, batch 2 x 256 XSum tokens, budget
+0.17%, 2 threads). Both modes run on the same model object in A/B/B/A order, so memory placement and
+machine drift hit both alike; the ratio is the median of the per-pair ratios. Peak memory is measured by
+`bench_memory.py` (one process per variant), not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path[:0] = [
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+]
+
+import benchutil  # noqa: E402
+
+from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--budget", type=float, default=0.0017)
+    parser.add_argument("--total-steps", type=int, default=1000)
+    parser.add_argument(
+        "--pairs", type=int, default=8, help="steps of each mode (after one warm-up step each)"
+    )
+    parser.add_argument("--out", default=str(benchutil.RESULTS / "tied.json"))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = benchutil.smollm()
+    model.config.use_cache = False
+    model.train()
+    batches = benchutil.xsum_batches(tokenizer, args.pairs + 1, args.batch, args.seq)
+    engine = ID3Engine(model, ID3Config(budget=args.budget, low_memory=True))
+    engine.start(args.total_steps)
+    if not engine.streamed_tables:
+        raise SystemExit("this model has no table tied to its output layer: nothing to compare")
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=2e-5)
+
+    def step(batch: dict, streamed: bool) -> float:
+        # The dense mode takes the streams out for one step (a private handle: this is the A/B switch);
+        # `start` puts them back.
+        if not streamed:
+            engine._tied_streams.remove()
+            engine._tied_streams = None
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        engine.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        if not streamed:
+            engine.start(args.total_steps)
+        return seconds
+
+    times: dict[str, list[float]] = {"streamed": [], "dense": []}
+    for mode in ("streamed", "dense"):  # warm-up, one step each
+        step(batches[0], mode == "streamed")
+    for i, batch in enumerate(batches[1:]):
+        for mode in ("streamed", "dense") if i % 2 == 0 else ("dense", "streamed"):
+            times[mode].append(step(batch, mode == "streamed"))
+    ratios = [s / d for s, d in zip(times["streamed"], times["dense"])]
+    result = {
+        "benchmark": "tied",
+        "setting": {
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
+            "batch": args.batch,
+            "seq": args.seq,
+            "budget_fraction": args.budget,
+            "threads": args.threads,
+            "pairs": args.pairs,
+            "tied_tables": engine.streamed_tables,
+        },
+        "machine": benchutil.machine(),
+        "streamed_s": statistics.median(times["streamed"]),
+        "dense_s": statistics.median(times["dense"]),
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "times": times,
+    }
+    return benchutil.save_result(result, args.out, markdown)
+
+
+def markdown(result: dict) -> str:
+    s, m = result["setting"], result["machine"]
+    table = benchutil.markdown_table(
+        ["low-memory mode, tied table", "median step s", "x dense"],
+        [
+            ["streamed (default)", result["streamed_s"], result["ratio"]],
+            ["autograd's dense gradient", result["dense_s"], 1.0],
+        ],
+    )
+    lo, hi = result["ratio_range"]
+    return (
+        f"Step time of the low-memory mode, {s['model']}, batch {s['batch']} x {s['seq']}, budget "
+        f"{100 * s['budget_fraction']:.2g}%, {s['threads']} threads, one model, {s['pairs']} steps of each "
+        f"mode alternating A/B/B/A ({m.get('date', '')}, {m.get('cpu', '')}). x dense = median of the "
+        f"per-pair ratios (range {lo:.3f}-{hi:.3f}).\n\n" + table
+    )
+
+
+if __name__ == "__main__":
+    main()
