@@ -91,7 +91,8 @@ def child(args) -> dict:
         # backward computes each gradient and a hook drops it at once; no scoring, no optimizer. What remains
         # is activations saved for the weight gradients plus autograd's own transients, including a tied
         # table's gradient, which lives through the whole backward. The low-memory mode never builds that
-        # one whole (`TiedOutputStreams`), so it can go below this floor.
+        # one whole (`TiedOutputStreams`), so it can go below this floor where the peak falls while that
+        # gradient lives (not where it falls in the loss's backward, before the output layer's).
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         opt = None
@@ -287,7 +288,8 @@ def markdown(result: dict) -> str:
             "\ngrad_floor: every weight's gradient is computed and dropped at once by a hook (no scoring, no "
             "optimizer): the least any method that builds every gradient tensor can need. A tied embedding's "
             "gradient lives through the whole backward there; ID3's low-memory mode scores that table in "
-            "blocks and never builds it whole, so it can go below this floor.\n"
+            "blocks and never builds it whole, so it can go below this floor when the peak falls while that "
+            "gradient lives.\n"
         )
     if any("cuda_peak_mb" in r for r in result["variants"].values()):
         text += "\nGPU: " + ", ".join(

@@ -178,6 +178,10 @@ def main(argv=None) -> None:
     sections = []
     titles = (
         ("step", "Step time"),
+        ("memory_2threads", "Peak memory, the issue's setting (2 threads, repeated rounds)"),
+        ("memory_2threads_mmap", "Peak memory, 2 threads, allocator returning freed memory at once"),
+        ("memory_small_2threads", "Peak memory, short sequences, 2 threads"),
+        ("memory_small_2threads_mmap", "Peak memory, short sequences, 2 threads, fixed threshold"),
         ("memory", "Peak memory"),
         ("memory_small", "Peak memory, short sequences (gradients dominate)"),
         ("memory_mmap", "Peak memory, allocator returning freed memory at once"),
