@@ -195,8 +195,7 @@ class TiedOutputStreams:
     Such a table gets two contributions: the output layer's, dense (every vocabulary row), and the input
     embedding's, only in the rows of the batch's tokens. Autograd sums them into one table-sized gradient
     that lives from the first step of backward (the output layer) to the last (the embedding): 108 MiB for
-    SmolLM2's 49,152 x 576 table, about the gap between LoRA's peak and the gradient floor of
-    `benchmarks/bench_memory.py` (every gradient built, then dropped at once).
+    SmolLM2's 49,152 x 576 table, on top of whatever else backward holds at any moment.
 
     Here the embedding records its token ids and returns a row-sparse gradient (as `RowSparseEmbeddings`),
     and the output layer's backward computes its weight gradient in blocks of whole rows, about
