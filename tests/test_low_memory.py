@@ -80,7 +80,7 @@ def test_low_memory_selects_the_same_entries_and_gives_bitwise_equal_weights(
 ):
     if variant == "row_sparse":  # tiny embeddings take the row-sparse path, in small chunks
         monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-        monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # a tied output layer in blocks of 2 rows
+        monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # a tied output layer in blocks of 32 rows
         monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
     if variant == "per_tensor":
         monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)

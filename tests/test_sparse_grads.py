@@ -262,6 +262,14 @@ def test_clip_matches_torch_on_dense_gradients():
 
 def test_plain_loop_default_is_dense_and_explicit_true_that_cannot_apply_warns(tiny_tables):
     assert not ID3Engine(tiny_bert(), ID3Config(budget=100)).sparse_grads  # None: off outside the Trainer
+    # ... except in low-memory mode, which frees p.grad in backward: the loop never sees the layout
+    assert ID3Engine(tiny_bert(), ID3Config(budget=100, low_memory=True)).sparse_grads
+    with pytest.warns(
+        UserWarning, match="low_memory=True"
+    ):  # a static method: that mode falls back at start,
+        engine = ID3Engine(tiny_bert(), ID3Config(budget=100, low_memory=True, method="pafi"))
+        engine.start(3)
+    assert not engine.low_memory and not engine.sparse_grads  # and the sparse layout with it
     for config, needle in [
         ({"optimizer": "trainer"}, "optimizer='trainer'"),
         ({"method": "repeat"}, "'repeat'"),
