@@ -206,17 +206,17 @@ class ID3Engine:
             self.method.on_start()
         if self.sparse_grads and is_distributed():  # the process group may not have existed at configure time
             self.configure_sparse_grads(auto=True)
-        if self.configure_low_memory():
-            self._install_hooks()
-        elif self.sparse_grads and self.config.sparse_embedding_grads is None and not self._sparse_auto:
-            # On by default in a plain loop only for the low-memory mode, which has just fallen back.
+        low_memory = self.configure_low_memory()
+        if not low_memory and self.config.sparse_embedding_grads is None and not self._sparse_auto:
+            # On by default in a plain loop only for the low-memory mode, which may have just fallen back.
             self.sparse_grads = False
         if self.sparse_grads and self._sparse_tables and self._sparse_hooks is None:
             self._sparse_hooks = RowSparseEmbeddings(self._sparse_tables)
-        if self.low_memory and self.sparse_grads and self._tied_tables and self._tied_streams is None:
-            # One block of the output layer's gradient: about a score chunk (4 MiB).
-            self._tied_streams = TiedOutputStreams(self._tied_tables, self._on_output_rows, SCORE_CHUNK)
-        if self.low_memory:
+        if low_memory:
+            self._install_hooks()
+            if self.sparse_grads and self._tied_tables and self._tied_streams is None:
+                # One block of the output layer's gradient: about a score chunk (4 MiB).
+                self._tied_streams = TiedOutputStreams(self._tied_tables, self._on_output_rows, SCORE_CHUNK)
             if self._score_buffer is None and self.unmasked.params:
                 # Allocated now, not inside the first backward: a block that lives on, placed among
                 # activations that are about to be freed, keeps the heap from reusing their space.
@@ -581,11 +581,11 @@ class ID3Engine:
             lm.streamed[name] = (block.new_zeros(idx.numel()), torch.argsort(idx))
         kept, order = lm.streamed[name]
         a, b = torch.searchsorted(excluded, torch.tensor([lo, hi], device=excluded.device)).tolist()
+        skip = excluded[a:b] - lo  # the unmasked entries in this block, block-local
         if b > a:
-            kept[order[a:b]] = block.view(-1)[excluded[a:b] - lo]
+            kept[order[a:b]] = block.view(-1)[skip]
         if lm.k <= 0:
             return
-        skip = excluded[a:b] - lo
         if token_rows.numel():  # their score waits for the embedding's rows: ineligible here
             cols = torch.arange(width, device=token_rows.device)
             skip = torch.unique(torch.cat([skip, (token_rows[:, None] * width + cols).view(-1)]))

@@ -61,52 +61,57 @@ class _RowSparseEmbedding(torch.autograd.Function):
         return None, sparse, None
 
 
-def row_sparse_candidates(model: nn.Module, params: dict[str, nn.Parameter], min_entries: int) -> dict:
-    """{parameter name: its nn.Embedding} for the tables whose gradient can be made row-sparse (see module doc)."""
-    owners: dict[int, int] = {}
+def _holders(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """id(parameter) -> the modules that hold it (a tied table has several)."""
+    holders: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         for p in module._parameters.values():
             if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
-    by_weight = {
-        id(m.weight): m
-        for m in model.modules()
-        if isinstance(m, nn.Embedding) and not m.sparse and not m.scale_grad_by_freq
-    }
-    return {
-        name: by_weight[id(p)]
-        for name, p in params.items()
-        if id(p) in by_weight
-        and owners.get(id(p)) == 1
-        and p.dtype == torch.float32
-        and p.dim() == 2
-        and p.numel() >= min_entries
-    }
+                holders.setdefault(id(p), []).append(module)
+    return holders
+
+
+def _plain_embedding(module: nn.Module, p: nn.Parameter) -> bool:
+    """`module` is an nn.Embedding with weight `p` whose backward `_RowSparseEmbedding` reproduces."""
+    return (
+        isinstance(module, nn.Embedding)
+        and module.weight is p
+        and not module.sparse
+        and not module.scale_grad_by_freq
+    )
+
+
+def _large_fp32_table(p: nn.Parameter, min_entries: int) -> bool:
+    return p.dtype == torch.float32 and p.dim() == 2 and p.numel() >= min_entries
+
+
+def row_sparse_candidates(model: nn.Module, params: dict[str, nn.Parameter], min_entries: int) -> dict:
+    """{parameter name: its nn.Embedding} for the tables whose gradient can be made row-sparse (see module doc)."""
+    holders = _holders(model)
+    out = {}
+    for name, p in params.items():
+        found = holders.get(id(p), [])
+        if len(found) == 1 and _plain_embedding(found[0], p) and _large_fp32_table(p, min_entries):
+            out[name] = found[0]
+    return out
 
 
 def tied_output_candidates(model: nn.Module, params: dict[str, nn.Parameter], min_entries: int) -> dict:
     """{parameter name: (its nn.Embedding modules, its output nn.Linear)} for tables used by embeddings and one
     output layer and nothing else (tied input and output embeddings, as in most causal LMs and T5, whose encoder
     and decoder each hold an embedding module on the shared table): see `TiedOutputStreams`."""
-    users: dict[int, list[nn.Module]] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                users.setdefault(id(p), []).append(module)
+    holders = _holders(model)
     out = {}
     for name, p in params.items():
-        found = users.get(id(p), [])
-        if p.dtype != torch.float32 or p.dim() != 2 or p.numel() < min_entries:
-            continue
-        embeddings = [m for m in found if isinstance(m, nn.Embedding)]
-        heads = [m for m in found if type(m) is nn.Linear]
+        found = holders.get(id(p), [])
+        embeddings = [m for m in found if _plain_embedding(m, p)]
+        heads = [m for m in found if type(m) is nn.Linear and m.weight is p]
         if (
             embeddings
             and len(heads) == 1
             and len(embeddings) + 1 == len(found)
-            and all(m.weight is p and not m.sparse and not m.scale_grad_by_freq for m in embeddings)
-            and heads[0].weight is p
             and heads[0].bias is None  # its gradient would be one more sum to reproduce bit for bit
+            and _large_fp32_table(p, min_entries)
         ):
             out[name] = (tuple(embeddings), heads[0])
     return out
@@ -116,6 +121,20 @@ def tied_output_candidates(model: nn.Module, params: dict[str, nn.Parameter], mi
 # other kernels, whose sums round differently (measured: 1-8 rows differ from the whole product on 1 thread,
 # 9 on 2 threads; 12 and up match); from 32 rows up every block is bitwise the rows of the whole product.
 MIN_BLOCK_ROWS = 32
+
+
+def _row_sparse_lookup(
+    module: nn.Embedding, args: tuple, kwargs: dict, on_input: Callable | None = None
+) -> torch.Tensor | None:
+    """A forward hook's replacement output: the same lookup through `_RowSparseEmbedding` (a few hundred rows
+    gathered again, no table-sized work), or None (output unchanged) without grad mode, e.g. in evaluation.
+    `on_input` receives the token ids (detached) of each lookup it replaces."""
+    if not (torch.is_grad_enabled() and module.weight.requires_grad):
+        return None
+    input = args[0] if args else kwargs["input"]
+    if on_input is not None:
+        on_input(input.detach())
+    return _RowSparseEmbedding.apply(input, module.weight, module.padding_idx)
 
 
 class _StreamedOutput(torch.autograd.Function):
@@ -236,11 +255,7 @@ class TiedOutputStreams:
     @staticmethod
     def _embedding_hook(table: _TiedTable) -> Callable:
         def hook(module: nn.Embedding, args: tuple, kwargs: dict, output: torch.Tensor):
-            if not (torch.is_grad_enabled() and module.weight.requires_grad):
-                return None
-            input = args[0] if args else kwargs["input"]
-            table.tokens.append(input.detach())
-            return _RowSparseEmbedding.apply(input, module.weight, module.padding_idx)
+            return _row_sparse_lookup(module, args, kwargs, on_input=table.tokens.append)
 
         return hook
 
@@ -289,10 +304,7 @@ class RowSparseEmbeddings:
 
     @staticmethod
     def _hook(module: nn.Embedding, args: tuple, kwargs: dict, output: torch.Tensor):
-        if not (torch.is_grad_enabled() and module.weight.requires_grad):
-            return None
-        input = args[0] if args else kwargs["input"]
-        return _RowSparseEmbedding.apply(input, module.weight, module.padding_idx)
+        return _row_sparse_lookup(module, args, kwargs)
 
     def remove(self) -> None:
         for handle in self._handles:
