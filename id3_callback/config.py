@@ -108,6 +108,15 @@ class ID3Config:
             "not with fp16 loss scaling, DDP, or methods 'repeat' and 'full'."
         },
     )
+    recompute_pointwise: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Store a saved activation that is a product or SiLU/GELU of tensors autograd keeps anyway "
+            "(normed hidden states, the MLP's activation) as that one op, and redo it in backward: every "
+            "weight's gradient needs its input, and this stops keeping the cheapest of them. Gradients are "
+            "bitwise unchanged; any model. None: on in low-memory mode, off otherwise."
+        },
+    )
     consistency_check_steps: int = field(
         default=100,
         metadata={

@@ -26,6 +26,7 @@ from .config import ID3Config
 from .distributed import is_distributed
 from .io import atomic_write
 from .masks import UnmaskedSet
+from .recompute import PointwiseRecompute
 from .schedulers import Schedule
 from .selection import SCORE_CHUNK, StreamingTopK, TensorScorer, nonzero_rows, split_by_tensor
 from .sparse_grads import (
@@ -181,6 +182,7 @@ class ID3Engine:
         self._pass: _LowMemoryPass | None = None
         self.sparse_grads, self._sparse_auto = False, False
         self.configure_sparse_grads()
+        self._recompute: PointwiseRecompute | None = None  # `ID3Config.recompute_pointwise`, from `start` on
 
     # ----------------------------------------------------------------------------------------------- setup
     def parameters(self) -> list[nn.Parameter]:
@@ -212,6 +214,7 @@ class ID3Engine:
             self.sparse_grads = False
         if self.sparse_grads and self._sparse_tables and self._sparse_hooks is None:
             self._sparse_hooks = RowSparseEmbeddings(self._sparse_tables)
+        self._configure_recompute(low_memory)
         if low_memory:
             self._install_hooks()
             if self.sparse_grads and self._tied_tables and self._tied_streams is None:
@@ -222,6 +225,18 @@ class ID3Engine:
                 # activations that are about to be freed, keeps the heap from reusing their space.
                 device = next(iter(self.unmasked.params.values())).device
                 self._score_buffer = torch.empty(SCORE_CHUNK, dtype=torch.float32, device=device)
+
+    def _configure_recompute(self, low_memory: bool) -> None:
+        want = self.config.recompute_pointwise
+        if want is None:  # the low-memory mode's default
+            want = low_memory
+        if want and self._recompute is None:
+            self._recompute = PointwiseRecompute(self.model)
+
+    @property
+    def recompute_active(self) -> bool:
+        """True while pointwise recomputation is installed (`ID3Config.recompute_pointwise`, from `start` on)."""
+        return self._recompute is not None
 
     def summary(self) -> str:
         pct = 100.0 * self.budget / max(self.selectable, 1)
@@ -242,6 +257,10 @@ class ID3Engine:
         if self.streamed_tables:
             lines.append(
                 f"  tied tables scored in blocks as backward computes them: {', '.join(self.streamed_tables)}"
+            )
+        if self.recompute_active:
+            lines.append(
+                "  pointwise recomputation: products and activations of kept tensors are redone in backward"
             )
         if self.unmasked.dense:
             where = "inside" if self.config.dense_in_budget else "outside"
@@ -356,6 +375,14 @@ class ID3Engine:
         if self.schedule is None:
             raise RuntimeError("call engine.start(total_steps) before the first engine.step().")
         self.current_grad_scale, self.current_check_overflow = grad_scale, check_overflow
+        if self._recompute is not None and self._recompute.forwards == 0 and not self._recompute.warned:
+            self._recompute.warned = True
+            warnings.warn(
+                "pointwise recomputation saw no forward of the model given to ID3Engine: the loop calls it "
+                "through something that bypasses its forward hooks. Give the engine the module the loop "
+                "calls, or set ID3Config(recompute_pointwise=False).",
+                stacklevel=2,
+            )
         t0 = time.perf_counter()
         before = len(self.unmasked)
         self.steps_done += 1
@@ -535,7 +562,8 @@ class ID3Engine:
 
     def remove_hooks(self) -> None:
         """Uninstall the low-memory gradient hooks and the row-sparse embedding hooks, so later backwards
-        leave `p.grad` alone and dense (the Trainer does this at train end; `start` puts them back)."""
+        leave `p.grad` alone and dense, and turn pointwise recomputation off (the Trainer does this at train
+        end; `start` puts them back)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._pass = [], None
@@ -545,6 +573,9 @@ class ID3Engine:
         if self._tied_streams is not None:
             self._tied_streams.remove()
             self._tied_streams = None
+        if self._recompute is not None:
+            self._recompute.remove()
+            self._recompute = None
 
     def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:

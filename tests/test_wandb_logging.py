@@ -161,7 +161,8 @@ def test_tensor_counts_see_fully_unmasked_tensors():
 
     from id3_callback.logging.plots import tensor_counts
 
-    engine = ID3Engine(MLP(), ID3Config(method="full"))
+    with pytest.warns(UserWarning, match="trains every selectable entry"):
+        engine = ID3Engine(MLP(), ID3Config(method="full"))
     engine.start(1)
     records = tensor_counts(engine)
     assert sum(r["unmasked"] for r in records) == engine.selectable == 195
