@@ -40,8 +40,18 @@ import benchutil  # noqa: E402
 from official import make_official_id3, official_available  # noqa: E402
 
 from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
+from id3_callback.recompute import PointwiseRecompute  # noqa: E402
 
-VARIANTS = ("full", "lora", "id3", "id3_low_memory", "grad_floor", "official")
+VARIANTS = (
+    "full",
+    "lora",
+    "lora_recompute",
+    "id3",
+    "id3_low_memory",
+    "id3_low_memory_keep",
+    "grad_floor",
+    "official",
+)
 
 
 def child(args) -> dict:
@@ -62,13 +72,15 @@ def child(args) -> dict:
     name = args.child
     if name == "full":
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    elif name == "lora":
+    elif name in ("lora", "lora_recompute"):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
             r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
         )
         model = get_peft_model(model, config)
+        if name == "lora_recompute":  # LoRA with the recomputation ID3's low-memory mode uses, for comparison
+            PointwiseRecompute(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True)
     elif name == "probe":  # not a variant: the mid-training set, chosen in its own process (see `parent`)
         probe = ID3Engine(model, ID3Config(budget=args.budget))
@@ -77,22 +89,28 @@ def child(args) -> dict:
         probe.select_top(probe.schedule.target(args.total_steps // 2), probe.method.score_fn())
         torch.save(probe.unmasked.state_dict(), args.mask_file)
         return {"variant": "probe", "unmasked": len(probe.unmasked)}
-    elif name in ("id3", "id3_low_memory"):
+    elif name in ("id3", "id3_low_memory", "id3_low_memory_keep"):
         # Mid-training set: half the budget, chosen by D3 on a warm-up batch. It comes from a file written
         # by a separate process, so this one, like every other variant's, has run no backward before the
         # measured steps (a warm-up backward leaves its own heap layout behind).
-        engine = ID3Engine(model, ID3Config(budget=args.budget, low_memory=name == "id3_low_memory"))
+        # id3_low_memory_keep: the mode without its default pointwise recomputation (every activation kept)
+        config = ID3Config(
+            budget=args.budget,
+            low_memory=name != "id3",
+            recompute_pointwise=False if name == "id3_low_memory_keep" else None,
+        )
+        engine = ID3Engine(model, config)
         engine.start(args.total_steps)
         engine.unmasked.load_state_dict(torch.load(args.mask_file))
         engine.steps_done = args.total_steps // 2
         opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=args.lr)
     elif name == "grad_floor":
-        # The floor of any method that builds every weight's gradient tensor (ID3's standard mode, FISH):
-        # backward computes each gradient and a hook drops it at once; no scoring, no optimizer. What remains
-        # is activations saved for the weight gradients plus autograd's own transients, including a tied
-        # table's gradient, which lives through the whole backward. The low-memory mode never builds that
-        # one whole (`TiedOutputStreams`), so it can go below this floor where the peak falls while that
-        # gradient lives (not where it falls in the loss's backward, before the output layer's).
+        # The floor of any method that builds every weight's gradient tensor and keeps every activation
+        # (ID3's standard mode, FISH): backward computes each gradient and a hook drops it at once; no
+        # scoring, no optimizer. What remains is activations saved for the weight gradients plus autograd's
+        # own transients, including a tied table's gradient, which lives through the whole backward. The
+        # low-memory mode goes below it two ways: it never builds that table's gradient whole
+        # (`TiedOutputStreams`), and it recomputes the cheapest saved activations (`PointwiseRecompute`).
         for p in model.parameters():
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         opt = None
@@ -123,7 +141,7 @@ def child(args) -> dict:
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
     out = {
-        "variant": name,
+        "variant": args.child,
         "peak_rss_mb": benchutil.peak_rss_mb(),
         "rss_after_setup_mb": baseline,
         "peak_reset_ok": reset_ok,
@@ -138,6 +156,7 @@ def child(args) -> dict:
         out["unmasked"] = len(engine.unmasked)
         out["optimizer_state_mb"] = opt.state_bytes() / 2**20
         out["low_memory_active"] = engine.low_memory_active
+        out["recompute_active"] = engine.recompute_active
     if cuda:
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["cuda_after_setup_mb"] = cuda_base
@@ -167,7 +186,7 @@ def parent(args) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         args.mask_file = os.path.join(tmp, "mid_training_set.pt")
-        if {"id3", "id3_low_memory"} & set(names):
+        if {"id3", "id3_low_memory", "id3_low_memory_keep"} & set(names):
             probe = measure("probe", args)
             if "error" in probe:
                 raise SystemExit(f"choosing the mid-training set failed: {probe['error']}")
@@ -286,10 +305,11 @@ def markdown(result: dict) -> str:
     if "grad_floor" in result["variants"]:
         text += (
             "\ngrad_floor: every weight's gradient is computed and dropped at once by a hook (no scoring, no "
-            "optimizer): the least any method that builds every gradient tensor can need. A tied embedding's "
-            "gradient lives through the whole backward there; ID3's low-memory mode scores that table in "
-            "blocks and never builds it whole, so it can go below this floor when the peak falls while that "
-            "gradient lives.\n"
+            "optimizer), every activation kept: the least any method that builds every gradient tensor needs "
+            "without recomputing. ID3's low-memory mode goes below it: it scores a tied table's gradient in "
+            "blocks and never builds it whole, and by default stores the cheapest saved activations as one-op "
+            "recipes (`recompute_pointwise`; `_keep` rows: without). lora_recompute: LoRA with the same "
+            "recipes.\n"
         )
     if any("cuda_peak_mb" in r for r in result["variants"].values()):
         text += "\nGPU: " + ", ".join(

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Run the performance suite: step time, peak memory, selection scaling; tables, plots, docs.
 
-    python benchmarks/run_all.py                 # ~35 min on 2 idle cores (memory: 28 fresh processes)
+    python benchmarks/run_all.py                 # ~45 min on 2 idle cores (memory: ~40 fresh processes)
     python benchmarks/run_all.py --skip memory   # step time and scaling only, ~5 min
     python benchmarks/run_all.py --quick         # fewer steps and sizes
     PYTHONPATH=/tmp/so-site python benchmarks/run_all.py   # with the official ID3 (optional install:
                                                            # pip install --no-deps --target /tmp/so-site selective-optimizers==0.4)
 
-Writes benchmarks/results/{step,memory*,tied,scaling}.json (+ .md each), benchmarks/results/RESULTS.md,
+Writes benchmarks/results/{step,memory*,tied,recompute*,scaling}.json (+ .md each), benchmarks/results/RESULTS.md,
 docs/step_breakdown.png, docs/scaling.png, and refreshes the results block of docs/performance.md.
 Each benchmark runs in its own process (the memory one in one process per variant), one at a time.
 """
@@ -170,6 +170,9 @@ def main(argv=None) -> None:
             run("bench_memory.py", threads + ckpt + extra + out + (["--steps", "1"] if args.quick else []))
         # What the low-memory mode's streamed tied table costs in step time (SmolLM2, one model, A/B).
         run("bench_tied.py", threads + (["--pairs", "2"] if args.quick else []))
+        # What its pointwise recomputation costs in step time, on both models (one model each, A/B).
+        run("bench_recompute.py", threads + (["--pairs", "2"] if args.quick else []))
+        run("bench_recompute.py", threads + ["--model", "minilm"] + (["--pairs", "2"] if args.quick else []))
     if "scaling" not in skip:
         run(
             "bench_scaling.py", threads + (["--sizes", "1,10,50,200", "--repeats", "3"] if args.quick else [])
@@ -191,6 +194,8 @@ def main(argv=None) -> None:
             "Peak memory with gradient checkpointing, allocator returning freed memory at once",
         ),
         ("tied", "Low-memory mode: step time with the tied table streamed or dense"),
+        ("recompute", "Low-memory mode: step time with and without pointwise recomputation (SmolLM2)"),
+        ("recompute_minilm", "Low-memory mode: step time with and without pointwise recomputation (MiniLM)"),
         ("scaling", "Selection scaling"),
     )
     for name, title in titles:
