@@ -5,19 +5,16 @@ between storing the cheapest saved activations as one-op recipes (the mode's def
     python benchmarks/bench_recompute.py                  # SmolLM2-135M, 2 x 256: recompute.json + .md
     python benchmarks/bench_recompute.py --model minilm   # all-MiniLM-L6-v2, 16 x 64 SST-2
 
-Both settings are the other benchmarks' (SmolLM2: the memory benchmark's; MiniLM: the step benchmark's),
-budget 0.17%, 2 threads. Both modes run on the same model object in A/B/B/A order, so memory placement and
-machine drift hit both alike; the ratio is the median of the per-pair ratios. Peak memory is measured by
-`bench_memory.py` (one process per variant), not here.
+Settings: SmolLM2 as in the memory benchmark, MiniLM as in the step benchmark; budget 0.17%, 2 threads.
+The two modes alternate on one model (`benchutil.alternate`); what the recipes save in peak memory is
+`bench_memory.py`'s to measure (rows `id3_low_memory` and `id3_low_memory_keep`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -31,6 +28,7 @@ import benchutil  # noqa: E402
 from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
 from id3_callback.recompute import PointwiseRecompute  # noqa: E402
 
+MODES = ("recompute", "keep")
 MODELS = {
     "smollm": ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)", 2, 256),
     "minilm": ("all-MiniLM-L6-v2, SST-2", 16, 64),
@@ -65,27 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("pointwise recomputation did not turn on for this model: nothing to compare")
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=2e-5)
 
-    def step(inputs: dict, recompute: bool) -> float:
+    def step(inputs: dict, mode: str) -> float:
         # The keep mode takes the recipes' hooks out for one step (a private handle: this is the A/B switch).
-        if not recompute:
+        if mode == "keep":
             engine._recompute.remove()
-        t0 = time.perf_counter()
-        model(**inputs).loss.backward()
-        engine.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        if not recompute:
+        seconds = benchutil.train_step(model, inputs, engine, opt)
+        if mode == "keep":
             engine._recompute = PointwiseRecompute(model)
         return seconds
 
-    times: dict[str, list[float]] = {"recompute": [], "keep": []}
-    for mode in times:  # warm-up, one step each
-        step(batches[0], mode == "recompute")
-    for i, inputs in enumerate(batches[1:]):
-        for mode in ("recompute", "keep") if i % 2 == 0 else ("keep", "recompute"):
-            times[mode].append(step(inputs, mode == "recompute"))
-    ratios = [r / k for r, k in zip(times["recompute"], times["keep"])]
     result = {
         "benchmark": "recompute",
         "setting": {
@@ -97,11 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             "pairs": args.pairs,
         },
         "machine": benchutil.machine(),
-        "recompute_s": statistics.median(times["recompute"]),
-        "keep_s": statistics.median(times["keep"]),
-        "ratio": statistics.median(ratios),
-        "ratio_range": [min(ratios), max(ratios)],
-        "times": times,
+        **benchutil.alternate(step, MODES, batches),
     }
     suffix = "" if args.model == "smollm" else f"_{args.model}"
     out = args.out or str(benchutil.RESULTS / f"recompute{suffix}.json")
@@ -109,21 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    s, m = result["setting"], result["machine"]
-    table = benchutil.markdown_table(
-        ["low-memory mode", "median step s", "x keep"],
-        [
-            ["pointwise recomputation (default)", result["recompute_s"], result["ratio"]],
-            ["every activation kept", result["keep_s"], 1.0],
-        ],
-    )
-    lo, hi = result["ratio_range"]
-    return (
-        f"Step time of the low-memory mode, {s['model']}, batch {s['batch']} x {s['seq']}, budget "
-        f"{100 * s['budget_fraction']:.2g}%, {s['threads']} threads, one model, {s['pairs']} steps of each "
-        f"mode alternating A/B/B/A ({m.get('date', '')}, {m.get('cpu', '')}). x keep = median of the "
-        f"per-pair ratios (range {lo:.3f}-{hi:.3f}).\n\n" + table
-    )
+    labels = ("pointwise recomputation (default)", "every activation kept")
+    return benchutil.ab_markdown(result, MODES, labels, "low-memory mode")
 
 
 if __name__ == "__main__":

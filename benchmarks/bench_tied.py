@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -28,6 +26,8 @@ sys.path[:0] = [
 import benchutil  # noqa: E402
 
 from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
+
+MODES = ("streamed", "dense")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,29 +54,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("this model has no table tied to its output layer: nothing to compare")
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=2e-5)
 
-    def step(batch: dict, streamed: bool) -> float:
+    def step(inputs: dict, mode: str) -> float:
         # The dense mode takes the streams out for one step (a private handle: this is the A/B switch);
         # `start` puts them back.
-        if not streamed:
+        if mode == "dense":
             engine._tied_streams.remove()
             engine._tied_streams = None
-        t0 = time.perf_counter()
-        model(**batch).loss.backward()
-        engine.step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        if not streamed:
+        seconds = benchutil.train_step(model, inputs, engine, opt)
+        if mode == "dense":
             engine.start(args.total_steps)
         return seconds
 
-    times: dict[str, list[float]] = {"streamed": [], "dense": []}
-    for mode in ("streamed", "dense"):  # warm-up, one step each
-        step(batches[0], mode == "streamed")
-    for i, batch in enumerate(batches[1:]):
-        for mode in ("streamed", "dense") if i % 2 == 0 else ("dense", "streamed"):
-            times[mode].append(step(batch, mode == "streamed"))
-    ratios = [s / d for s, d in zip(times["streamed"], times["dense"])]
     result = {
         "benchmark": "tied",
         "setting": {
@@ -89,31 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
             "tied_tables": engine.streamed_tables,
         },
         "machine": benchutil.machine(),
-        "streamed_s": statistics.median(times["streamed"]),
-        "dense_s": statistics.median(times["dense"]),
-        "ratio": statistics.median(ratios),
-        "ratio_range": [min(ratios), max(ratios)],
-        "times": times,
+        **benchutil.alternate(step, MODES, batches),
     }
     return benchutil.save_result(result, args.out, markdown)
 
 
 def markdown(result: dict) -> str:
-    s, m = result["setting"], result["machine"]
-    table = benchutil.markdown_table(
-        ["low-memory mode, tied table", "median step s", "x dense"],
-        [
-            ["streamed (default)", result["streamed_s"], result["ratio"]],
-            ["autograd's dense gradient", result["dense_s"], 1.0],
-        ],
-    )
-    lo, hi = result["ratio_range"]
-    return (
-        f"Step time of the low-memory mode, {s['model']}, batch {s['batch']} x {s['seq']}, budget "
-        f"{100 * s['budget_fraction']:.2g}%, {s['threads']} threads, one model, {s['pairs']} steps of each "
-        f"mode alternating A/B/B/A ({m.get('date', '')}, {m.get('cpu', '')}). x dense = median of the "
-        f"per-pair ratios (range {lo:.3f}-{hi:.3f}).\n\n" + table
-    )
+    labels = ("streamed (default)", "autograd's dense gradient")
+    return benchutil.ab_markdown(result, MODES, labels, "low-memory mode, tied table")
 
 
 if __name__ == "__main__":

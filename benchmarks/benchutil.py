@@ -15,7 +15,9 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -202,6 +204,55 @@ def save_result(result: dict, out: str | Path, markdown) -> dict:
     write_text(md, out.with_suffix(".md"))
     print(md)
     return result
+
+
+# ------------------------------------------------------------------------------------- A/B on one model
+def train_step(model, inputs: dict, engine, opt) -> float:
+    """Seconds of one ID3 training step: forward, backward, `engine.step`, optimizer step, `zero_grad`."""
+    t0 = time.perf_counter()
+    model(**inputs).loss.backward()
+    engine.step()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def alternate(step, modes: tuple[str, str], batches: list[dict]) -> dict:
+    """Time two modes of one model: `step(inputs, mode)` returns seconds. One warm-up step of each on
+    `batches[0]`, then the rest in A/B, B/A, ... order, so memory placement and machine drift hit both
+    alike. Returns each mode's median (`<mode>_s`), the median of the per-pair ratios (first mode over the
+    second), their range, and every time.
+    """
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for mode in modes:
+        step(batches[0], mode)
+    for i, inputs in enumerate(batches[1:]):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            times[mode].append(step(inputs, mode))
+    ratios = [a / b for a, b in zip(times[modes[0]], times[modes[1]])]
+    out = {f"{mode}_s": statistics.median(times[mode]) for mode in modes}
+    return {
+        **out,
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "times": times,
+    }
+
+
+def ab_markdown(result: dict, modes: tuple[str, str], labels: tuple[str, str], subject: str) -> str:
+    """The table of an `alternate` result: `labels` name the two modes in the rows, `subject` the first column."""
+    s, m = result["setting"], result["machine"]
+    table = markdown_table(
+        [subject, "median step s", f"x {modes[1]}"],
+        [[labels[0], result[f"{modes[0]}_s"], result["ratio"]], [labels[1], result[f"{modes[1]}_s"], 1.0]],
+    )
+    lo, hi = result["ratio_range"]
+    return (
+        f"Step time of the low-memory mode, {s['model']}, batch {s['batch']} x {s['seq']}, budget "
+        f"{100 * s['budget_fraction']:.2g}%, {s['threads']} threads, one model, {s['pairs']} steps of each "
+        f"mode alternating A/B/B/A ({m.get('date', '')}, {m.get('cpu', '')}). x {modes[1]} = median of the "
+        f"per-pair ratios (range {lo:.3f}-{hi:.3f}).\n\n" + table
+    )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
