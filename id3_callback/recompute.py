@@ -5,7 +5,8 @@ Every method that scores all weights needs every weight's gradient, so autograd 
 weight-bearing op. In a Llama block three of them are one elementwise op away from tensors the graph holds
 regardless: the normed hidden states `x * rsqrt(var)` twice (kept for the norm weights' gradients; `x` and
 `rsqrt(var)` are kept by the ops that made them) and the MLP's `silu(gate)` (kept for `down_proj`'s input
-product; `gate` is kept by the SiLU). LoRA on q/v keeps none of these. A saved-tensor hook
+product; `gate` is kept by the SiLU). LoRA on q/v keeps the SiLU output too, but not the normed states.
+A saved-tensor hook
 (`torch.autograd.graph.saved_tensors_hooks`) sees each tensor as autograd saves it; when its producer is
 `mul`, `silu` or `gelu` and the producer kept its own inputs, it stores (op, inputs) instead, and backward
 reruns that one op. The recomputation is the same kernel on the same inputs, so gradients are bitwise the
@@ -142,5 +143,7 @@ class PointwiseRecompute:
                 "an input of a recomputed activation was modified in place after the forward: set "
                 "ID3Config(recompute_pointwise=False) (or remove PointwiseRecompute) for this model."
             )
+        # No graph of its own: autograd gives an unpacked tensor the saved one's history, which is what a
+        # second derivative (create_graph=True) follows (tested).
         with torch.no_grad():
             return packed()
