@@ -52,6 +52,8 @@ VARIANTS = (
     "grad_floor",
     "official",
 )
+# The variants that train with ID3Engine, from the mid-training set the probe process writes.
+ID3_VARIANTS = ("id3", "id3_low_memory", "id3_low_memory_keep")
 
 
 def child(args) -> dict:
@@ -89,7 +91,7 @@ def child(args) -> dict:
         probe.select_top(probe.schedule.target(args.total_steps // 2), probe.method.score_fn())
         torch.save(probe.unmasked.state_dict(), args.mask_file)
         return {"variant": "probe", "unmasked": len(probe.unmasked)}
-    elif name in ("id3", "id3_low_memory", "id3_low_memory_keep"):
+    elif name in ID3_VARIANTS:
         # Mid-training set: half the budget, chosen by D3 on a warm-up batch. It comes from a file written
         # by a separate process, so this one, like every other variant's, has run no backward before the
         # measured steps (a warm-up backward leaves its own heap layout behind).
@@ -186,7 +188,7 @@ def parent(args) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         args.mask_file = os.path.join(tmp, "mid_training_set.pt")
-        if {"id3", "id3_low_memory", "id3_low_memory_keep"} & set(names):
+        if set(ID3_VARIANTS) & set(names):
             probe = measure("probe", args)
             if "error" in probe:
                 raise SystemExit(f"choosing the mid-training set failed: {probe['error']}")
