@@ -8,16 +8,18 @@ The overrides live in a mixin so `Seq2SeqTrainer` (or any Trainer subclass) gets
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import state as state_io
 from .callback import ID3Callback
 from .distributed import check_consistency, check_distributed_support
 from .engine import ID3Engine
 from .methods.fish import trainer_fisher_batches
-from .optim import SparseAdamW, guard_weight_decay
+from .optim import SparseAdamW, choose_optimizer, guard_weight_decay
 
 
 class ID3TrainerMixin:
@@ -39,7 +41,13 @@ class ID3TrainerMixin:
             )
         self.id3 = callbacks[0]
         check_distributed_support(self, self.id3.config)  # FSDP / TP / low_memory under DDP: refuse early
-        self.id3.attach(self.model, seed=self.args.seed)
+        # 'auto' honours TrainingArguments.optim unless it is the Trainer's default AdamW (then SparseAdamW).
+        given = self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None
+        default_optim = type(self.args).__dataclass_fields__["optim"].default
+        kind, note = choose_optimizer(
+            self.id3.config.optimizer, _optim_name(self.args.optim), _optim_name(default_optim), given
+        )
+        self.id3.attach(self.model, seed=self.args.seed, optimizer=kind, optimizer_note=note)
         # Training batches for methods that need data before training (FISH's Fisher pass).
         self.engine.fisher_batches = partial(trainer_fisher_batches, self)
         # Low-memory mode needs one backward per step; else it warns and falls back. Row-sparse embedding
@@ -83,7 +91,8 @@ class ID3TrainerMixin:
                 eps=self.args.adam_epsilon,
             )
             return self.optimizer
-        optimizer = super().create_optimizer(model)
+        # transformers 4.x's create_optimizer takes no model argument; 5.x passes one only in some set-ups.
+        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
         guard_weight_decay(optimizer, self.engine.unmasked)
         return optimizer
 
@@ -117,25 +126,81 @@ class ID3TrainerMixin:
             return self.engine.grad_norm()
         return super()._get_grad_norm(model, grad_norm)
 
-    def _save_checkpoint(self, model, trial):
+    def add_callback(self, callback):
+        if isinstance(callback, ID3Callback) or (
+            isinstance(callback, type) and issubclass(callback, ID3Callback)
+        ):
+            raise ValueError(
+                "ID3Trainer takes its ID3Callback when it is built, and already has one (trainer.id3): pass "
+                "callbacks=[ID3Callback(ID3Config(...))] to ID3Trainer(...), and build a new trainer to change it."
+            )
+        super().add_callback(callback)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        return super().train(self._resume_point(resume_from_checkpoint), *args, **kwargs)
+
+    def _resume_point(self, resume):
+        """The checkpoint to resume from, its ID3 state verified before the Trainer loads anything.
+
+        `True` takes the newest *complete* checkpoint (warning about newer ones a crash left incomplete);
+        an explicit incomplete folder is refused, naming the newest complete one before it.
+        """
+        if resume is None or resume is False:
+            return resume
+        if resume is True:
+            found = state_io.checkpoints(self.args.output_dir)
+            if not found:
+                return resume  # the Trainer's own "no valid checkpoint" error
+            folder = state_io.resumable_checkpoint(self.args.output_dir)
+            if folder is None:
+                raise state_io.refuse_incomplete(found[0], state_io.incomplete_reason(found[0]))
+            skipped = found[: found.index(folder)]
+            if skipped:
+                why = "; ".join(f"{f}: {state_io.incomplete_reason(f)}" for f in skipped)
+                warnings.warn(
+                    f"resume_from_checkpoint=True: resuming from {folder}, the newest complete checkpoint; newer "
+                    f"ones are incomplete (interrupted save?): {why}.",
+                    stacklevel=3,
+                )
+        else:
+            folder = os.fspath(resume)
+            if state_io.read_global_step(folder) is None or not os.path.exists(
+                os.path.join(folder, state_io.STATE_FILE)
+            ):
+                raise state_io.refuse_incomplete(folder, state_io.incomplete_reason(folder))
+        total = self.args.max_steps if self.args.max_steps > 0 else None  # else checked at train begin
+        state_io.load_verified(folder, self.engine, state_io.read_global_step(folder), total)
+        return folder
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
         check_consistency(self.engine, f"the checkpoint of step {self.state.global_step}")  # all ranks
-        super()._save_checkpoint(model, trial)
         if self.args.should_save:
+            # The ID3 state goes in first, durably, before the Trainer writes trainer_state.json (which marks
+            # the folder complete) and rotates older checkpoints away: a crash at any point leaves either a
+            # complete new checkpoint or an incomplete folder beside the previous complete one. Same order in
+            # transformers 4.46-5.x: save_model, optimizer, scaler, RNG, trainer_state.json, rotation.
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            state_io.begin_checkpoint(folder)
             self.engine.save(folder)
+        super()._save_checkpoint(model, trial, *args, **kwargs)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            self.engine.load(checkpoint)
+            # Verified again and loaded before the optimizer, so a state that does not fit fails here, clearly.
+            self.engine.load(checkpoint, global_step=state_io.read_global_step(checkpoint))
             check_consistency(self.engine, f"resume from {checkpoint}")
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self.engine.steps_done:
             logs.update(self.engine.log_metrics())
         super().log(logs, start_time)
+
+
+def _optim_name(optim) -> str:
+    return str(getattr(optim, "value", optim))
 
 
 class ID3Trainer(ID3TrainerMixin, Trainer):
