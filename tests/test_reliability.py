@@ -273,12 +273,10 @@ def test_forcing_sparse_adamw_beside_a_given_optimizer_is_refused():
     ],
 )
 def test_the_users_optimizer_is_honoured(tmp_path, capsys, optimizer, optim, expected):
-    model = tiny_bert()
+    model = MLP()
     before = snapshot(model)
     args = dict(save_strategy="no", weight_decay=0.1) | ({"optim": optim} if optim else {})
-    trainer = make(
-        tmp_path, ID3Config(budget=200, optimizer=optimizer), model=model, data=token_data(), **args
-    )
+    trainer = make(tmp_path, ID3Config(budget=40, optimizer=optimizer), model=model, **args)
     trainer.train()
     assert type(trainer.optimizer.optimizer) is expected
     line = next(x for x in capsys.readouterr().out.splitlines() if "optimizer:" in x)
