@@ -14,6 +14,7 @@ from .methods import available_methods, register_method
 from .optim import SparseAdamW, guard_weight_decay
 from .schedulers import Schedule, register_scheduler
 from .scores import d3_scores
+from .state import StateError
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "ID3Trainer",
     "Schedule",
     "SparseAdamW",
+    "StateError",
     "apply_delta",
     "available_methods",
     "d3_scores",
