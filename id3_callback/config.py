@@ -110,7 +110,7 @@ class ID3Config:
             "of the batch's tokens instead of a zero-filled table (bitwise the same values on CPU); in "
             "low-memory mode, tables tied to the output layer too. None: on under ID3Trainer and in "
             "low-memory mode wherever it applies; otherwise off in a plain loop, where torch's "
-            "clip_grad_norm_ cannot read it (use engine.clip_grad_norm_). Needs optimizer='sparse_adamw'; "
+            "clip_grad_norm_ cannot read it (use engine.clip_grad_norm_). Needs SparseAdamW (see optimizer); "
             "not with fp16 loss scaling, DDP, or methods 'repeat' and 'full'."
         },
     )
