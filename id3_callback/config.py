@@ -154,8 +154,8 @@ class ID3Config:
                 or value < 0
             ):
                 raise ValueError(
-                    f"{name} must be a finite number >= 0 (got {value!r}); the default is {name}="
-                    f"{1e-3 if name == 'eps' else 1.0}."
+                    f"eps and exp must be >= 0 and finite numbers (got {name}={value!r}); the defaults are "
+                    "eps=1e-3, exp=1.0."
                 )
         if self.exp > 0 and self.eps == 0:
             raise ValueError("eps=0 with exp>0 divides by zero for zero weights: use eps > 0 (default 1e-3).")

@@ -384,10 +384,10 @@ def test_add_callback_after_construction_says_what_to_do(tmp_path, callback):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        (dict(eps=math.nan), "eps must be a finite number"),
-        (dict(exp=math.nan), "exp must be a finite number"),
-        (dict(exp=math.inf), "exp must be a finite number"),
-        (dict(eps=math.inf), "eps must be a finite number"),
+        (dict(eps=math.nan), "must be >= 0 and finite numbers \\(got eps=nan"),
+        (dict(exp=math.nan), "must be >= 0 and finite numbers \\(got exp=nan"),
+        (dict(exp=math.inf), "must be >= 0 and finite numbers \\(got exp=inf"),
+        (dict(eps=math.inf), "must be >= 0 and finite numbers \\(got eps=inf"),
         (dict(exp=150.0), "outside the supported"),
         (dict(exp=13.0), "underflows float32"),
         (dict(budget=True), "budget must be a number"),
