@@ -1,10 +1,11 @@
 """SIGKILL trials for tests/test_checkpoint_crash.py: `python crash_worker.py OUT TRIALS SEED` writes OUT/result.json.
 
 This process imports torch and transformers once and computes nothing itself; every training run is a
-forked child (one thread each), so a trial costs a fork, not an interpreter start. Per trial a child trains
-with a checkpoint at every step and `save_total_limit=1`; once its first checkpoint is complete, this
-process SIGKILLs it at a random moment (mostly inside a save, since saves take most of the time). A second
-child resumes from `resume_from_checkpoint=True` and compares the result bitwise with an uninterrupted run.
+forked child (one thread each, two trials at a time), so a trial costs a fork, not an interpreter start.
+Per trial a child trains with a checkpoint at every step and `save_total_limit=1`; once its first
+checkpoint is complete, this process SIGKILLs it at a random moment (often inside a save, since saves take
+most of the time). A second child resumes from `resume_from_checkpoint=True` and compares the result
+bitwise with an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ os.environ["OMP_NUM_THREADS"] = "1"  # before torch: forked children must not in
 
 import json
 import random
+import select
 import signal
 import sys
 import time
@@ -110,8 +112,8 @@ def reference(out: str) -> float:
     return window
 
 
-def resume_and_compare(out: str, trial_dir: str) -> dict:
-    result_file = os.path.join(trial_dir, "result.json")
+def start_resume(out: str, trial_dir: str) -> int:
+    """Fork a child that resumes `trial_dir` and writes whether it ended bitwise equal to the reference."""
 
     def run():
         folders = {
@@ -123,37 +125,69 @@ def resume_and_compare(out: str, trial_dir: str) -> dict:
         bitwise = fingerprint == ref["fingerprint"] and all(
             torch.equal(weights[n], ref["weights"][n]) for n in weights
         )
-        with open(result_file, "w") as f:
+        with open(os.path.join(trial_dir, "result.json"), "w") as f:
             json.dump({"folders": folders, "bitwise": bitwise}, f)
 
-    _, status = os.waitpid(in_child(run), 0)
-    if os.waitstatus_to_exitcode(status) != 0 or not os.path.exists(result_file):
-        return {"bitwise": False, "error": "the resumed run failed (see stderr)"}
-    with open(result_file) as f:
-        return json.load(f)
+    return in_child(run)
 
 
-def main(out: str, trials: int, seed: int) -> None:
+def kill_batch(runs: list[dict]) -> list[dict]:
+    """Start a training child per run; SIGKILL each `delay` seconds after its first complete checkpoint.
+    Returns the runs that were killed while training (not those that finished first)."""
+    for run in runs:
+        r, w = os.pipe()
+        run["pid"] = in_child(lambda r=r, w=w, d=run["dir"]: (os.close(r), train(d, notify=w)))
+        os.close(w)
+        run["pipe"], run["deadline"] = r, None
+    pending = list(runs)
+    while pending:
+        waiting = [run["pipe"] for run in pending if run["deadline"] is None]
+        deadlines = [run["deadline"] for run in pending if run["deadline"] is not None]
+        timeout = max(0.0, min(deadlines) - time.perf_counter()) if deadlines else None
+        readable = select.select(waiting, [], [], timeout)[0] if waiting else time.sleep(timeout) or []
+        now = time.perf_counter()
+        for run in list(pending):
+            if run["pipe"] in readable:
+                if os.read(run["pipe"], 1):  # its first checkpoint is complete
+                    run["deadline"] = now + run["delay"]
+                else:  # it died before its first checkpoint
+                    pending.remove(run)
+            elif run["deadline"] is not None and now >= run["deadline"]:
+                os.kill(run["pid"], signal.SIGKILL)
+                pending.remove(run)
+    killed = []
+    for run in runs:
+        _, status = os.waitpid(run["pid"], 0)
+        os.close(run["pipe"])
+        if run["deadline"] is not None and os.WIFSIGNALED(status):
+            killed.append(run)
+        elif os.waitstatus_to_exitcode(status) != 0:  # a training error, not a kill: the test must fail
+            raise RuntimeError(f"trial {run['trial']}: the training child failed (see stderr)")
+    return killed
+
+
+def main(out: str, trials: int, seed: int, concurrent: int = 2) -> None:
     rng = random.Random(seed)
     window = reference(out)
     results, attempts = [], 0
     while len(results) < trials and attempts < 3 * trials:
-        attempts += 1
-        trial_dir = os.path.join(out, f"trial{attempts}")
-        r, w = os.pipe()
-        pid = in_child(lambda r=r, w=w, trial_dir=trial_dir: (os.close(r), train(trial_dir, notify=w)))
-        os.close(w)
-        first = os.read(r, 1)  # the first checkpoint is complete
-        delay = rng.uniform(0.0, window)  # from checkpoint 1 complete to checkpoint STEPS complete
-        time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        os.close(r)
-        if not first or not os.WIFSIGNALED(status):
-            continue  # it finished (or failed) before the kill: not a trial
-        results.append(
-            {"trial": attempts, "kill_after_s": round(delay, 4), **resume_and_compare(out, trial_dir)}
-        )
+        batch = []
+        for _ in range(min(concurrent, trials - len(results))):
+            attempts += 1
+            # from checkpoint 1 complete to checkpoint STEPS complete, in the uninterrupted run
+            delay = rng.uniform(0.0, window)
+            batch.append({"trial": attempts, "dir": os.path.join(out, f"trial{attempts}"), "delay": delay})
+        killed = kill_batch(batch)
+        resumes = [(run, start_resume(out, run["dir"])) for run in killed]
+        for run, pid in resumes:
+            _, status = os.waitpid(pid, 0)
+            result_file = os.path.join(run["dir"], "result.json")
+            if os.waitstatus_to_exitcode(status) == 0 and os.path.exists(result_file):
+                with open(result_file) as f:
+                    outcome = json.load(f)
+            else:
+                outcome = {"bitwise": False, "error": "the resumed run failed (see stderr)"}
+            results.append({"trial": run["trial"], "kill_after_s": round(run["delay"], 4), **outcome})
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({"window_s": window, "attempts": attempts, "trials": results}, f, indent=1)
 
