@@ -137,6 +137,7 @@ class ID3TrainerMixin:
         super().add_callback(callback)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; a checkpoint to resume from is checked first (see `_resume_point`)."""
         return super().train(self._resume_point(resume_from_checkpoint), *args, **kwargs)
 
     def _resume_point(self, resume):
@@ -164,6 +165,8 @@ class ID3TrainerMixin:
                 )
         else:
             folder = os.fspath(resume)
+            if not os.path.isdir(folder):
+                return resume  # the Trainer's own "can't find a valid checkpoint" error
             if state_io.read_global_step(folder) is None or not os.path.exists(
                 os.path.join(folder, state_io.STATE_FILE)
             ):

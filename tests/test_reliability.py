@@ -535,3 +535,29 @@ def test_a_reader_sees_the_old_or_the_new_delta_never_a_mix(tmp_path):
         stop.set()
         thread.join()
     assert seen <= expected and seen
+
+
+def test_a_delta_replaced_after_the_reader_opened_it_is_read_whole_from_the_old_file(tmp_path, monkeypatch):
+    """Deterministic form of the race: the file is replaced right after `load_delta` opens it."""
+    import builtins
+
+    from id3_callback import delta as delta_module
+
+    versions = []
+    for budget in (20, 40):
+        trainer = make(tmp_path / str(budget), ID3Config(budget=budget), save_strategy="no")
+        trainer.train()
+        versions.append(save_delta(trainer, tmp_path / f"v{budget}.safetensors"))
+    target = tmp_path / "live.safetensors"
+    shutil.copy(versions[0], target)
+
+    def open_then_replace(path, *args, **kwargs):
+        f = builtins.open(path, *args, **kwargs)
+        shutil.copy(versions[1], tmp_path / ".tmp")
+        os.replace(tmp_path / ".tmp", target)  # as save_delta replaces a file
+        return f
+
+    monkeypatch.setattr(delta_module, "open", open_then_replace, raising=False)
+    assert load_delta(target).num_entries == 20  # the version it opened, whole
+    monkeypatch.undo()
+    assert load_delta(target).num_entries == 40
