@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from .config import ID3Config
 from .distributed import check_consistency
 from .engine import ID3Engine
+from .plan import TrainingSettings
 
 logger = logging.getLogger("id3_callback")
 
@@ -30,9 +31,11 @@ class ID3Callback(TrainerCallback):
         self.config = config
         self.engine: ID3Engine | None = None
 
-    def attach(self, model: nn.Module, seed: int | None = None) -> ID3Engine:
-        """Build the engine for `model` (called by `ID3Trainer.__init__`)."""
-        self.engine = ID3Engine(model, self.config, seed=seed)
+    def attach(
+        self, model: nn.Module, seed: int | None = None, settings: TrainingSettings | None = None
+    ) -> ID3Engine:
+        """Build the engine for `model` under the Trainer's `settings` (called by `ID3Trainer.__init__`)."""
+        self.engine = ID3Engine(model, self.config, seed=seed, settings=settings)
         return self.engine
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -32,6 +32,11 @@ SCORE_CHUNK = 1 << 20
 BLOCK = 128
 # Past this fraction of entries in reaching blocks, gathering them costs more than working on the whole chunk.
 FEW = 0.25
+# Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
+SMALL_TENSOR = 1 << 14
+# Embedding weights at least this large get the row-sparse D3 path (smaller ones are cheap to score whole).
+ROW_SPARSE_MIN_ENTRIES = 1 << 16
+# Every size above is read as `selection.NAME` at the time of use, so patching it here reaches every user.
 
 
 def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

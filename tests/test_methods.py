@@ -236,7 +236,7 @@ def test_fish_matches_hand_computed_fisher_and_restores_state():
     model.train()
     model.net[2].eval()
     rng = torch.get_rng_state()
-    fisher, used = fisher_information(engine, loader(), samples=8)
+    fisher, used = fisher_information(engine.model, engine.unmasked.params, loader(), samples=8)
     assert used == 8
     for n in names:
         torch.testing.assert_close(fisher[n], expected[n])
@@ -245,7 +245,7 @@ def test_fish_matches_hand_computed_fisher_and_restores_state():
     assert model.training and model.net[0].training and not model.net[2].training
 
     # The mask is the top-B of that estimate (ties by lower global index, none expected here).
-    engine.start(4, fisher_batches=loader)
+    engine.start(4, calibration_batches=loader)
     flat = torch.cat([expected[n].reshape(-1) for n in names])
     want = set(torch.argsort(flat, descending=True, stable=True)[:25].tolist())
     offsets = torch.tensor([0] + [engine.unmasked.params[n].numel() for n in names]).cumsum(0)
@@ -284,7 +284,7 @@ def test_fish_in_the_trainer_leaves_rng_modes_and_grads_as_they_were(tmp_path):
 
 def test_fish_without_data_says_how_to_fix():
     _, engine = _mlp_engine("fish")
-    with pytest.raises(ValueError, match="fisher_batches"):
+    with pytest.raises(ValueError, match="calibration_batches"):
         engine.start(4)
 
 
@@ -349,6 +349,32 @@ def test_bitfit_selects_exactly_the_biases():
         expected = engine.unmasked.params[name].numel() if name in biases else 0
         assert idx.numel() == expected and torch.equal(torch.sort(idx).values, torch.arange(expected))
     assert "BitFit" in engine.summary()
+
+
+def test_bitfit_budget_counts_dense_entries_inside_the_budget():
+    # MLP: the selectable biases hold 16 entries (net.0.bias); the dense head net.2 holds 16 * 3 + 3 = 51.
+    def build(budget, inside):
+        config = ID3Config(budget=budget, method="bitfit", dense=r"net\.2\.", dense_in_budget=inside)
+        return ID3Engine(MLP(), config)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # totals that match the configured budget: silent
+        assert build(16 + 51, inside=True).budget == 16
+        assert build(16, inside=False).budget == 16
+    # A budget smaller than the dense entries is not refused: bitfit does not use it, and says what it trains.
+    with pytest.warns(UserWarning, match=r"16 entries \+ 51 dense entries counted in the budget, not the "):
+        engine = build(5, inside=True)
+    assert engine.budget == 16 and engine.dense_entries == 51
+    engine.start(2)
+    assert len(engine.unmasked) == 16
+    x, y = mlp_data(n=8).columns.values()
+    for _ in range(2):
+        engine.model(x, y)["loss"].backward()
+        engine.step()
+    metrics = engine.log_metrics()
+    assert metrics["id3/updates_total"] == 2 * (16 + 51)
+    assert metrics["id3/updates_vs_static"] == 1.0 and metrics["id3/budget_used"] == 1.0
+    assert "51 entries, inside the budget" in engine.summary()
 
 
 def test_bitfit_without_biases_is_a_clear_error():

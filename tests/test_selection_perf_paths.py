@@ -15,7 +15,6 @@ import torch
 from conftest import tiny_bert, tiny_llama, token_data
 from torch import nn
 
-import id3_callback.engine as engine_mod
 import id3_callback.selection as sel
 from id3_callback import ID3Config, ID3Engine, SparseAdamW, d3_scores
 from id3_callback.masks import UnmaskedSet
@@ -340,11 +339,11 @@ def test_gradient_prefilter_scores_only_candidates_and_stays_exact(exp, sides, s
 @pytest.mark.parametrize("variant", ["default", "row_sparse", "per_tensor"])
 def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypatch):
     if variant == "row_sparse":  # the tiny embeddings take the row path
-        monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
+        monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+        monkeypatch.setattr(sel, "SMALL_TENSOR", 0)
         monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
     if variant == "per_tensor":  # no small-tensor batching, many chunks
-        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
+        monkeypatch.setattr(sel, "SMALL_TENSOR", 0)
         monkeypatch.setattr(sel, "SCORE_CHUNK", 100)
     model = model_fn()
     engine = ID3Engine(model, ID3Config(budget=500))
@@ -356,23 +355,23 @@ def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypa
     brute = d3_brute(engine.unmasked.params, engine.unmasked)
     for k in (1, 17, 250):
         top = StreamingTopK(k)
-        assert engine.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
+        assert engine.scan.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
         assert torch.equal(top.result()[1], brute_force_global(brute, k)), (variant, k)
 
 
 def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
     """Zero-gradient rows score 0 and are eligible: when k exceeds the positive scores they are picked,
     lowest index first, exactly as the dense path would."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
     emb = nn.Embedding(50, 4)
     model = nn.Sequential(emb)
     engine = ID3Engine(model, ID3Config(budget=100))
     engine.start(1)
     emb(torch.tensor([3, 7])).sum().backward()  # rows 3 and 7: 8 positive scores
-    assert "0.weight" in engine._row_sparse
+    assert "0.weight" in engine.scan.row_sparse
     brute = d3_brute(engine.unmasked.params, engine.unmasked)
     top = StreamingTopK(20)
-    engine.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
+    engine.scan.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
     want = brute_force_global(brute, 20)
     assert torch.equal(top.result()[1], want)
     assert sorted(want[8:].tolist()) == list(range(12))  # the zeros: lowest indices
@@ -381,8 +380,8 @@ def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
 def test_low_memory_row_path_keeps_no_reference_to_freed_gradients(monkeypatch):
     """Inside backward the embedding takes the row path too, but its gradient is freed there: the engine
     must not keep it alive for masking (there is nothing to mask in low-memory mode)."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-    monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
     data = token_data(n=2, seq=6, kind="cls")
     batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
     model = tiny_bert()
@@ -396,15 +395,15 @@ def test_low_memory_row_path_keeps_no_reference_to_freed_gradients(monkeypatch):
     )
     model(**batch).loss.backward()
     assert rows_seen, "the embedding took the row path inside backward"
-    assert not engine._nonzero_rows
+    assert not engine.scan.nonzero_rows
     engine.step()
 
 
 @pytest.mark.parametrize("model_fn, kind", [(tiny_bert, "cls"), (tiny_llama, "lm")])
 def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
     """Masking zeroes only the rows scoring found nonzero; every gradient bit equals zeroing everything."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-    monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
     data = token_data(n=2, seq=6, kind=kind)  # few tokens: most embedding rows get no gradient
     batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
     grads = []
@@ -428,7 +427,7 @@ def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
             model(**batch).loss.backward()
             engine.step()
         assert all(given), "the embedding took the row path"
-        assert not engine._nonzero_rows  # released after masking: no gradient outlives its step
+        assert not engine.scan.nonzero_rows  # released after masking: no gradient outlives its step
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -487,7 +486,9 @@ def test_flat_sparse_adamw_is_bitwise_the_per_tensor_update():
     g = torch.Generator().manual_seed(0)
     for step in range(6):
         new = torch.randperm(ea.selectable, generator=g)[:5]
-        new = new[~torch.isin(new, torch.cat([ea._offsets[n] + i for n, i in ea.unmasked.indices.items()]))]
+        new = new[
+            ~torch.isin(new, torch.cat([ea.plan.offsets[n] + i for n, i in ea.unmasked.indices.items()]))
+        ]
         ea.add_global(new)
         eb.add_global(new)
         for pa, pb in zip(a.parameters(), b.parameters()):
