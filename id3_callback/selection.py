@@ -274,34 +274,6 @@ class StreamingTopK:
         return self.payload
 
 
-def global_topk(score_chunks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Top-k across tensors; returns, per input tensor, the sorted flat indices chosen in it.
-
-    Example:
-        >>> global_topk([torch.tensor([3.0, 1.0]), torch.tensor([2.0, float("nan")])], 2)
-        [tensor([0]), tensor([0])]
-    """
-    top = StreamingTopK(k)
-    sizes = []
-    for scores in score_chunks:
-        clean = torch.nan_to_num(
-            scores.reshape(-1).float(), nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE
-        )
-        top.push(clean)
-        sizes.append(clean.numel())
-    return split_by_tensor(top.result()[1], sizes)
-
-
-def split_by_tensor(global_index: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Split sorted-or-not global indices into per-tensor sorted local indices."""
-    global_index = torch.sort(global_index).values
-    bounds = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
-    cuts = torch.searchsorted(global_index, bounds).tolist()
-    empty = global_index[:0]
-    starts = bounds.tolist()
-    return [global_index[a:b] - o if b > a else empty for a, b, o in zip(cuts, cuts[1:], starts)]
-
-
 def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:
     """Sorted indices of the rows of `grad` (first dimension) holding any nonzero bit, or None if over half do.
 

@@ -13,21 +13,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
-from conftest import token_batches as batches
+from helpers import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
+from helpers import token_batches as batches
 from transformers import TrainerCallback
 
 import id3_callback.selection as sel
 from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW, TrainingSettings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded machine thread hand-offs dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tied_llama():

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MLP, changed_entries, mlp_data, snapshot, tiny_bert, token_data, training_args
+from helpers import MLP, changed_entries, mlp_data, snapshot, tiny_bert, tiny_llama, token_data, training_args
 from transformers import TrainerCallback
 
 from id3_callback import (
@@ -32,33 +32,7 @@ BUDGET = 60
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy machine the second thread's
-    wake-ups cost far more than the work (measured: 10x slower training steps at load 7 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama_with_bias(seed: int = 0):
-    """conftest's tiny Llama plus attention biases, so that BitFit has something to select."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    )
-    return LlamaForCausalLM(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_bert(seed: int = 0):
@@ -72,7 +46,7 @@ def lora_bert(seed: int = 0):
 # name -> (model factory, dataset factory, ID3Config overrides)
 MODELS = {
     "bert": (tiny_bert, lambda: token_data(n=24, seq=8, kind="cls"), {}),
-    "llama": (tiny_llama_with_bias, lambda: token_data(n=24, seq=8, kind="lm"), {}),
+    "llama": (lambda: tiny_llama(attention_bias=True), lambda: token_data(n=24, seq=8, kind="lm"), {}),
     "lora": (lora_bert, lambda: token_data(n=24, seq=8, kind="cls"), {"dense": MODULES_TO_SAVE}),
 }
 

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, token_data
+from helpers import brute_force_topk, tiny_bert, tiny_llama, token_data
 from torch import nn
 
 import id3_callback.selection as sel
@@ -20,24 +20,7 @@ from id3_callback import ID3Config, ID3Engine, SparseAdamW, d3_scores
 from id3_callback.masks import UnmaskedSet
 from id3_callback.selection import StreamingTopK, TensorScorer, nonzero_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded machine thread hand-offs dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def brute_force_global(scores: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Global indices of the top-k of the concatenation, ties to the lower index, -inf/NaN/Inf never."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    flat = torch.nan_to_num(flat, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
-    eligible = (flat > float("-inf")).nonzero().view(-1)
-    # sort by index first, then stable by value descending: ties keep the lower index first
-    order = torch.argsort(flat[eligible], descending=True, stable=True)
-    return eligible[order][:k]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def integer_scores(
@@ -76,7 +59,7 @@ def test_push_at_offsets_in_any_order_equals_in_order(seed, monkeypatch):
         t[torch.rand(t.numel(), generator=g) < 0.1] = float("-inf")
     total = offsets[-1]
     for k in (1, 3, 7, total, total + 2):
-        want = brute_force_global(tensors, k)
+        want = brute_force_topk(tensors, k)
         top = StreamingTopK(k)
         for i in torch.randperm(len(tensors), generator=g).tolist():
             # payload = the global index itself, so we can check it travels with its entry
@@ -105,7 +88,7 @@ def test_deferred_merges_stay_exact(seed, monkeypatch):
         for i in torch.randperm(len(tensors), generator=g).tolist():
             top.push(tensors[i], offset=offsets[i], payload=torch.arange(offsets[i], offsets[i + 1]).float())
         values, index = top.result()
-        assert torch.equal(index, brute_force_global(tensors, k)), (seed, k)
+        assert torch.equal(index, brute_force_topk(tensors, k)), (seed, k)
         assert torch.equal(top.result_payload(), index.float())
         assert max(flushes) > 1  # several chunks' candidates were merged at once
 
@@ -192,7 +175,7 @@ def test_tensor_scorer_paths_equal_brute_force(seed, mode, monkeypatch):
     brute = d3_brute(params, unmasked)
     total = offsets[-1]
     for k in (1, 5, 40, total):
-        want = brute_force_global(brute, k)
+        want = brute_force_topk(brute, k)
         top, scorer = StreamingTopK(k), TensorScorer(partial(d3_scores, eps=1e-3, exp=1.0))
         items = list(enumerate(params.items()))
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -250,7 +233,7 @@ def test_gradient_bound_skips_chunks_and_stays_exact(monkeypatch):
     weight = torch.randn(2000, generator=g) * 0.05
     top, scorer = StreamingTopK(2), TensorScorer(partial(d3_scores, eps=1e-3, exp=1.0))
     scorer.push_flat(top, grad, weight, offset=0, excluded=torch.empty(0, dtype=torch.long))
-    want = brute_force_global([d3_scores(grad, weight)], 2)
+    want = brute_force_topk([d3_scores(grad, weight)], 2)
     assert torch.equal(top.result()[1], want)
     assert len(calls) < 2000 // 50 // 2  # most chunks were settled by the gradient bound alone
 
@@ -286,7 +269,7 @@ def test_streaming_topk_block_search_keeps_ties_exact(seed, monkeypatch):
         top = StreamingTopK(k)
         for i in torch.randperm(len(tensors), generator=g).tolist():
             top.push(tensors[i], offset=offsets[i])
-        assert torch.equal(top.result()[1], brute_force_global(tensors, k)), (seed, k)
+        assert torch.equal(top.result()[1], brute_force_topk(tensors, k)), (seed, k)
 
 
 @pytest.mark.parametrize("exp", [0.0, 1.0, 2.0])
@@ -324,7 +307,7 @@ def test_gradient_prefilter_scores_only_candidates_and_stays_exact(exp, sides, s
     for k in (1, 5, 25):
         top, scorer = StreamingTopK(k), TensorScorer(score, grad_scale=scale, keep_grads=True)
         scorer.push_flat(top, scaled, weight, offset=3, excluded=excluded)
-        want = brute_force_global([torch.zeros(3), brute], k)
+        want = brute_force_topk([torch.zeros(3), brute], k)
         values, index = top.result()
         assert torch.equal(index, want), (k, index, want)
         assert torch.equal(top.result_payload(), scaled[index - 3])  # candidates carry their own gradient
@@ -356,7 +339,7 @@ def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypa
     for k in (1, 17, 250):
         top = StreamingTopK(k)
         assert engine.scan.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
-        assert torch.equal(top.result()[1], brute_force_global(brute, k)), (variant, k)
+        assert torch.equal(top.result()[1], brute_force_topk(brute, k)), (variant, k)
 
 
 def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
@@ -372,7 +355,7 @@ def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
     brute = d3_brute(engine.unmasked.params, engine.unmasked)
     top = StreamingTopK(20)
     engine.scan.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
-    want = brute_force_global(brute, 20)
+    want = brute_force_topk(brute, 20)
     assert torch.equal(top.result()[1], want)
     assert sorted(want[8:].tolist()) == list(range(12))  # the zeros: lowest indices
 

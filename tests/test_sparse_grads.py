@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
-from conftest import token_batches as batches
+from helpers import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
+from helpers import token_batches as batches
 from torch import nn
 from transformers import TrainerCallback
 
