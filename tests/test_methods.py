@@ -9,10 +9,22 @@ for every method on the BERT classifier and for a few methods on the other two m
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import MLP, changed_entries, mlp_data, snapshot, tiny_bert, tiny_llama, token_data, training_args
+from helpers import (
+    MLP,
+    brute_force_topk,
+    changed_entries,
+    mlp_data,
+    snapshot,
+    tiny_bert,
+    tiny_llama,
+    token_batches,
+    token_data,
+    training_args,
+)
 from transformers import TrainerCallback
 
 from id3_callback import (
@@ -477,3 +489,49 @@ def test_static_chooses_once_on_the_first_gradients():
         fingerprints.append(engine.unmasked.fingerprint())
         assert len(engine.unmasked) == 15
     assert len(set(fingerprints)) == 1
+
+
+def test_the_worked_example_is_a_complete_method():
+    """docs/methods.md's example method, run from the page itself: one file's code, registered by name."""
+    from id3_callback.methods.base import METHODS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    code = page.split("### Worked example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("from .base import", "from id3_callback.methods.base import")
+    exec(compile(code, "docs/methods.md", "exec"), {"__name__": "gradient_magnitude"})
+    try:
+        assert "gradient-magnitude" in available_methods()
+        sets = {}
+        for low_memory in (False, True):
+            model = tiny_bert()
+            engine = ID3Engine(
+                model, ID3Config(budget=60, method="gradient-magnitude", low_memory=low_memory)
+            )
+            assert engine.low_memory_active is False and engine.low_memory == low_memory
+            engine.start(4)
+            chosen = []
+            for batch in token_batches("cls", 4):
+                model(**batch).loss.backward()
+                if not low_memory:  # the reference: |g| of every masked entry, brute-force top-k
+                    grads = [p.grad.abs().reshape(-1).clone() for p in engine.unmasked.params.values()]
+                    for g, idx in zip(grads, engine.unmasked.indices.values()):
+                        g[idx] = float("-inf")
+                    k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
+                    want = brute_force_topk(grads, k)
+                before = {n: i.clone() for n, i in engine.unmasked.indices.items()}
+                engine.step()
+                new = torch.cat(
+                    [
+                        engine.plan.offsets[n] + i[before[n].numel() :]
+                        for n, i in engine.unmasked.indices.items()
+                    ]
+                )
+                chosen.append(torch.sort(new).values)
+                if not low_memory:
+                    assert torch.equal(chosen[-1], torch.sort(want).values)
+                model.zero_grad()
+            assert len(engine.unmasked) == 60 and engine.low_memory_active == low_memory
+            sets[low_memory] = chosen
+        assert all(torch.equal(a, b) for a, b in zip(sets[False], sets[True]))
+    finally:
+        METHODS.pop("gradient-magnitude", None)
