@@ -88,7 +88,10 @@ def child(args) -> dict:
         probe = ID3Engine(model, ID3Config(budget=args.budget))
         probe.start(args.total_steps)
         model(**batches[0]).loss.backward()
-        probe.select_top(probe.schedule.target(args.total_steps // 2), probe.method.score_fn())
+        _, index = probe.scan.top_by_gradient(
+            probe.schedule.target(args.total_steps // 2), probe.method.score_fn()
+        )
+        probe.add_global(index)
         torch.save(probe.unmasked.state_dict(), args.mask_file)
         return {"variant": "probe", "unmasked": len(probe.unmasked)}
     elif name in ID3_VARIANTS:

@@ -4,7 +4,7 @@
     python benchmarks/bench_scaling.py         # writes benchmarks/results/scaling.json + scaling.md
 
 N runs from 1M to 200M entries of random fp32 weights and gradients, in tensors of at most 4M entries
-(2-D, 1024 wide: no embedding shortcuts). One selection = `ID3Engine.push_scores` into a
+(2-D, 1024 wide: no embedding shortcuts). One selection = `Scan.push_scores` into a
 `StreamingTopK` of k = u_t = B/T entries (B = 0.17% of N, T = 1000): scoring, exclusion of the already
 unmasked half of the budget, exact global top-k. Each N runs in a fresh process: build the tensors,
 hand freed heap back to the OS, restart the peak-RSS counter, select (5 times, fastest), and report
@@ -76,7 +76,7 @@ def child(n: int, method: str, repeats: int) -> dict:
         t0 = time.perf_counter()
         if method == "engine":
             top = StreamingTopK(k)
-            engine.push_scores(top, score)
+            engine.scan.push_scores(top, score)
             chosen = top.result()[1]
         else:  # naive: every score at once, then one topk over the concatenation
             scores = []

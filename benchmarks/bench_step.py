@@ -111,9 +111,9 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
                 probe_engine = ID3Engine(probe, ID3Config(budget=args.budget))
                 probe_engine.start(args.total_steps)
                 probe(**warm_batch).loss.backward()
-                probe_engine.select_top(
-                    probe_engine.schedule.target(start_at), probe_engine.method.score_fn()
-                )
+                k = probe_engine.schedule.target(start_at)
+                _, index = probe_engine.scan.top_by_gradient(k, probe_engine.method.score_fn())
+                probe_engine.add_global(index)
                 std_engine = probe_engine
             engine.unmasked.load_state_dict(std_engine.unmasked.state_dict())
             engine.steps_done = start_at
@@ -162,8 +162,10 @@ class StageTimers:
         selection_mod.d3_scores = self.timed("scoring", self.original_d3)
         engine.method.on_step = self.timed("select_total", engine.method.on_step)
         engine.unmasked.mask_gradients = self.timed("masking", engine.unmasked.mask_gradients)
-        engine._on_grad_ready = self.timed("hooks_total", engine._on_grad_ready)
-        engine._finish_low_memory_pass = self.timed("finish_total", engine._finish_low_memory_pass)
+        low_memory = engine.low_memory_mode
+        if low_memory is not None:  # the hooks look `_on_grad_ready` up on the object at each call
+            low_memory._on_grad_ready = self.timed("hooks_total", low_memory._on_grad_ready)
+            low_memory.finish = self.timed("finish_total", low_memory.finish)
 
     def take(self) -> dict[str, float]:
         out, self.acc = self.acc, {}

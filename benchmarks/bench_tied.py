@@ -25,7 +25,8 @@ sys.path[:0] = [
 
 import benchutil  # noqa: E402
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, selection  # noqa: E402
+from id3_callback.sparse_grads import TiedOutputStreams  # noqa: E402
 
 MODES = ("streamed", "dense")
 
@@ -55,14 +56,16 @@ def main(argv: list[str] | None = None) -> dict:
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=2e-5)
 
     def step(inputs: dict, mode: str) -> float:
-        # The dense mode takes the streams out for one step (a private handle: this is the A/B switch);
-        # `start` puts them back.
+        # The dense mode takes the streams out for one step and then builds them again (private handles:
+        # this is the A/B switch).
+        low_memory = engine.low_memory_mode
         if mode == "dense":
-            engine._tied_streams.remove()
-            engine._tied_streams = None
+            low_memory.streams.remove()
+            low_memory.streams = None
         seconds = benchutil.train_step(model, inputs, engine, opt)
         if mode == "dense":
-            engine.start(args.total_steps)
+            tables = dict(engine.plan.tied_tables)
+            low_memory.streams = TiedOutputStreams(tables, low_memory._on_output_rows, selection.SCORE_CHUNK)
         return seconds
 
     result = {

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Run the performance suite: step time, peak memory, selection scaling; tables, plots, docs.
 
-    python benchmarks/run_all.py                 # ~45 min on 2 idle cores (memory: ~40 fresh processes)
+    python benchmarks/run_all.py                 # ~70 min on 2 idle cores (memory: ~60 fresh processes)
     python benchmarks/run_all.py --skip memory   # step time and scaling only, ~5 min
     python benchmarks/run_all.py --quick         # fewer steps and sizes
     PYTHONPATH=/tmp/so-site python benchmarks/run_all.py   # with the official ID3 (optional install:
                                                            # pip install --no-deps --target /tmp/so-site selective-optimizers==0.4)
 
-Writes benchmarks/results/{step,memory*,tied,recompute*,scaling}.json (+ .md each), benchmarks/results/RESULTS.md,
+Writes benchmarks/results/{step,memory*,tied,recompute*,scaling}.json (+ .md each: one current file per
+benchmark; earlier runs live in git history), benchmarks/results/RESULTS.md,
 docs/step_breakdown.png, docs/scaling.png, and refreshes the results block of docs/performance.md.
 Each benchmark runs in its own process (the memory one in one process per variant), one at a time.
 """
@@ -154,14 +155,20 @@ def main(argv=None) -> None:
     if "step" not in skip:
         run("bench_step.py", threads + (["--steps", "8", "--breakdown-steps", "4"] if args.quick else []))
     if "memory" not in skip:
-        run("bench_memory.py", threads + (["--steps", "1"] if args.quick else []))
+        # The issue's setting, repeated: glibc's default heap makes single peaks vary from run to run.
+        run("bench_memory.py", threads + (["--steps", "1"] if args.quick else ["--repeats", "3"]))
         # A short sequence: activations are small, so gradients dominate (where low-memory mode shows).
-        small = ["--batch", "1", "--seq", "32", "--out", str(benchutil.RESULTS / "memory_small.json")]
-        run("bench_memory.py", threads + small + (["--steps", "1"] if args.quick else []))
+        small = ["--batch", "1", "--seq", "32"]
+        out = ["--out", str(benchutil.RESULTS / "memory_small.json")]
+        run(
+            "bench_memory.py",
+            threads + small + out + (["--steps", "1"] if args.quick else ["--repeats", "2"]),
+        )
         # glibc's default dynamic mmap threshold keeps freed blocks up to 32 MiB in the heap, so peak RSS
         # also counts fragmentation; a fixed threshold returns them at once and RSS tracks live memory.
-        mmap = ["--mmap-threshold", "131072", "--out", str(benchutil.RESULTS / "memory_mmap.json")]
-        run("bench_memory.py", threads + mmap + (["--steps", "1"] if args.quick else []))
+        for name, shape in (("memory_mmap", []), ("memory_small_mmap", small)):
+            mmap = ["--mmap-threshold", "131072", "--out", str(benchutil.RESULTS / f"{name}.json")]
+            run("bench_memory.py", threads + shape + mmap + (["--steps", "1"] if args.quick else []))
         # Gradient checkpointing: saved activations shrink to one per layer for every variant alike, so the
         # gradients, not the activations, set the peak; with glibc's default and with a fixed threshold.
         ckpt = ["--checkpointing", "--variants", "full,lora,id3,id3_low_memory,grad_floor"]
@@ -181,13 +188,10 @@ def main(argv=None) -> None:
     sections = []
     titles = (
         ("step", "Step time"),
-        ("memory_2threads", "Peak memory, the issue's setting (2 threads, repeated rounds)"),
-        ("memory_2threads_mmap", "Peak memory, 2 threads, allocator returning freed memory at once"),
-        ("memory_small_2threads", "Peak memory, short sequences, 2 threads"),
-        ("memory_small_2threads_mmap", "Peak memory, short sequences, 2 threads, fixed threshold"),
-        ("memory", "Peak memory"),
-        ("memory_small", "Peak memory, short sequences (gradients dominate)"),
+        ("memory", "Peak memory, the issue's setting (repeated rounds)"),
         ("memory_mmap", "Peak memory, allocator returning freed memory at once"),
+        ("memory_small", "Peak memory, short sequences (gradients dominate)"),
+        ("memory_small_mmap", "Peak memory, short sequences, allocator returning freed memory at once"),
         ("memory_ckpt", "Peak memory with gradient checkpointing"),
         (
             "memory_ckpt_mmap",

@@ -10,8 +10,10 @@ save_delta(trainer, "sst2.delta.safetensors")
 from .config import ID3Config
 from .delta import DeltaError, apply_delta, load_delta, remove_delta, save_delta
 from .engine import ID3Engine
-from .methods import available_methods, register_method
+from .methods import SelectionMethod, available_methods, register_method
+from .methods.base import Selection, StepContext
 from .optim import SparseAdamW, guard_weight_decay
+from .plan import Plan, TrainingSettings
 from .schedulers import Schedule, register_scheduler
 from .scores import d3_scores
 from .state import StateError
@@ -25,9 +27,15 @@ __all__ = [
     "ID3Engine",
     "ID3Seq2SeqTrainer",
     "ID3Trainer",
+    "ID3TrainerMixin",
+    "Plan",
     "Schedule",
+    "Selection",
+    "SelectionMethod",
     "SparseAdamW",
     "StateError",
+    "StepContext",
+    "TrainingSettings",
     "apply_delta",
     "available_methods",
     "d3_scores",

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from .config import ID3Config
 from .distributed import check_consistency
 from .engine import ID3Engine
+from .plan import TrainingSettings
 
 logger = logging.getLogger("id3_callback")
 
@@ -37,10 +38,12 @@ class ID3Callback(TrainerCallback):
         self,
         model: nn.Module,
         seed: int | None = None,
+        settings: TrainingSettings | None = None,
         optimizer: str | None = None,
         optimizer_note: str | None = None,
     ) -> ID3Engine:
-        """Build the engine for `model` (called by `ID3Trainer.__init__`); `optimizer` resolves 'auto'.
+        """Build the engine for `model` under the Trainer's `settings` (called by `ID3Trainer.__init__`);
+        `optimizer` is the resolved `ID3Config.optimizer` ('auto' decided by the Trainer glue).
 
         One callback serves one trainer: a second would re-point the engine and lose the first run's set.
         """
@@ -50,7 +53,7 @@ class ID3Callback(TrainerCallback):
                 "save_delta reads). Give each trainer its own: callbacks=[ID3Callback(ID3Config(...))]."
             )
         config = self.config if optimizer is None else replace(self.config, optimizer=optimizer)
-        self.engine = ID3Engine(model, config, seed=seed)
+        self.engine = ID3Engine(model, config, seed=seed, settings=settings)
         self.optimizer_note = optimizer_note
         return self.engine
 

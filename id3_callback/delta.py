@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import atomic_write
+from .io import _sha, atomic_write
 
 FORMAT = "id3-delta/2"
 READABLE = ("id3-delta/1", FORMAT)
@@ -29,10 +29,6 @@ READABLE = ("id3-delta/1", FORMAT)
 
 class DeltaError(ValueError):
     """The delta does not fit this model, or the file is damaged. The model was not modified."""
-
-
-def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _engine_of(source: Any):

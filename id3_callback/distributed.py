@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .selection import CHUNK
+from . import selection
 
 if TYPE_CHECKING:
     from .config import ID3Config
@@ -104,8 +104,10 @@ def state_digest(engine: ID3Engine) -> torch.Tensor:
             if idx.numel():
                 sums = (sums + _entry_hashes(idx, flat[idx], salt, flat.numel()).to(device)) % _M
             continue
-        for start in range(0, flat.numel(), CHUNK):  # trained whole: chunked, an embedding can be large
-            stop = min(start + CHUNK, flat.numel())
+        for start in range(
+            0, flat.numel(), selection.CHUNK
+        ):  # trained whole: chunked, an embedding can be large
+            stop = min(start + selection.CHUNK, flat.numel())
             index = torch.arange(start, stop, device=flat.device)
             sums = (sums + _entry_hashes(index, flat[start:stop], salt, flat.numel()).to(device)) % _M
     counts = torch.tensor([engine.steps_done, len(unmasked)], dtype=torch.long)

@@ -1,10 +1,18 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""File helpers: atomic writes (a reader sees the old file or the new one, never half of one), checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
+
+import torch
+
+
+def _sha(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: deltas record it for the values they overwrite, `apply_delta` checks it."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def _umask() -> int:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .io import _sha  # the same checksum `apply_delta` verifies
 from .sparse_grads import as_coalesced, mask_rows_
 
 
@@ -126,8 +127,6 @@ class UnmaskedSet:
 
         Like a dense tensor it is trained whole; only a checksum of its base values is kept, for deltas.
         """
-        from .delta import _sha  # the same checksum `apply_delta` verifies
-
         if self.indices[name].numel() or name in self.full:
             raise ValueError(f"{name} already has unmasked entries; unmask_all needs an untouched tensor.")
         self.full[name] = _sha(self.params[name])
@@ -141,13 +140,6 @@ class UnmaskedSet:
         base = torch.cat([self.base_values[name], self.retired[name][1]])
         order = torch.argsort(idx)
         return idx[order], base[order]
-
-    def exclude_unmasked_(self, name: str, scores: torch.Tensor) -> torch.Tensor:
-        """Mark already-unmasked entries of `name` ineligible in a flat score tensor, in place."""
-        idx = self.indices[name]
-        if idx.numel():
-            scores.index_fill_(0, idx, float("-inf"))
-        return scores
 
     @torch.no_grad()
     def mask_gradients(self, nonzero_rows: dict[str, torch.Tensor] | None = None) -> None:

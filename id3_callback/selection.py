@@ -32,6 +32,11 @@ SCORE_CHUNK = 1 << 20
 BLOCK = 128
 # Past this fraction of entries in reaching blocks, gathering them costs more than working on the whole chunk.
 FEW = 0.25
+# Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
+SMALL_TENSOR = 1 << 14
+# Embedding weights at least this large get the row-sparse D3 path (smaller ones are cheap to score whole).
+ROW_SPARSE_MIN_ENTRIES = 1 << 16
+# Every size above is read as `selection.NAME` at the time of use, so patching it here reaches every user.
 
 
 def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,34 +272,6 @@ class StreamingTopK:
         """The payload entries of `result()`, in the same order (None if no push carried one)."""
         self._flush()
         return self.payload
-
-
-def global_topk(score_chunks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Top-k across tensors; returns, per input tensor, the sorted flat indices chosen in it.
-
-    Example:
-        >>> global_topk([torch.tensor([3.0, 1.0]), torch.tensor([2.0, float("nan")])], 2)
-        [tensor([0]), tensor([0])]
-    """
-    top = StreamingTopK(k)
-    sizes = []
-    for scores in score_chunks:
-        clean = torch.nan_to_num(
-            scores.reshape(-1).float(), nan=INELIGIBLE, posinf=INELIGIBLE, neginf=INELIGIBLE
-        )
-        top.push(clean)
-        sizes.append(clean.numel())
-    return split_by_tensor(top.result()[1], sizes)
-
-
-def split_by_tensor(global_index: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Split sorted-or-not global indices into per-tensor sorted local indices."""
-    global_index = torch.sort(global_index).values
-    bounds = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
-    cuts = torch.searchsorted(global_index, bounds).tolist()
-    empty = global_index[:0]
-    starts = bounds.tolist()
-    return [global_index[a:b] - o if b > a else empty for a, b, o in zip(cuts, cuts[1:], starts)]
 
 
 def nonzero_rows(grad: torch.Tensor) -> torch.Tensor | None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from functools import partial
 
+import torch
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -18,8 +20,8 @@ from . import state as state_io
 from .callback import ID3Callback
 from .distributed import check_consistency, check_distributed_support
 from .engine import ID3Engine
-from .methods.fish import trainer_fisher_batches
 from .optim import SparseAdamW, choose_optimizer, guard_weight_decay
+from .plan import TrainingSettings
 
 
 class ID3TrainerMixin:
@@ -47,25 +49,27 @@ class ID3TrainerMixin:
         kind, note = choose_optimizer(
             self.id3.config.optimizer, _optim_name(self.args.optim), _optim_name(default_optim), given
         )
-        self.id3.attach(self.model, seed=self.args.seed, optimizer=kind, optimizer_note=note)
-        # Training batches for methods that need data before training (FISH's Fisher pass).
-        self.engine.fisher_batches = partial(trainer_fisher_batches, self)
-        # Low-memory mode needs one backward per step; else it warns and falls back. Row-sparse embedding
-        # gradients are on wherever they apply: clipping and the gradient norm below go through the engine.
-        # Both sets of hooks go in at train begin (`engine.start`).
-        # Trainers that predate the `_clip_grad_norm` hook clip inline with torch, which the engine cannot serve.
-        torch_clipping = self.args.max_grad_norm > 0 and not hasattr(Trainer, "_clip_grad_norm")
-        fp16 = bool(self.args.fp16)
-        self.engine.configure_low_memory(
-            accumulation_steps=self.args.gradient_accumulation_steps,
-            loss_scaling=fp16,
-            torch_clipping=torch_clipping,
+        self.id3.attach(
+            self.model, seed=self.args.seed, settings=self.id3_settings(), optimizer=kind, optimizer_note=note
         )
-        self.engine.configure_sparse_grads(loss_scaling=fp16, auto=True, torch_clipping=torch_clipping)
         # Mask heatmap PNG in output_dir, and W&B mask panels when report_to includes wandb.
         from .logging import attach_logging
 
         attach_logging(self)
+
+    def id3_settings(self) -> TrainingSettings:
+        """This Trainer's training loop as the engine's plan needs it (see `plan.TrainingSettings`)."""
+        return TrainingSettings(
+            accumulation_steps=self.args.gradient_accumulation_steps,
+            loss_scaling=bool(self.args.fp16),
+            # Trainers that predate the `_clip_grad_norm` hook clip inline with torch, which reads dense p.grad.
+            torch_clipping=self.args.max_grad_norm > 0 and not hasattr(Trainer, "_clip_grad_norm"),
+            # Clipping and the gradient norm below go through the engine: row-sparse embedding gradients are
+            # on wherever they apply.
+            grads_through_engine=True,
+            # Training batches for methods that need data before training (FISH's Fisher pass).
+            calibration_batches=partial(trainer_calibration_batches, self),
+        )
 
     @property
     def engine(self) -> ID3Engine:
@@ -137,7 +141,6 @@ class ID3TrainerMixin:
         super().add_callback(callback)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """`Trainer.train`; a checkpoint to resume from is checked first (see `_resume_point`)."""
         return super().train(self._resume_point(resume_from_checkpoint), *args, **kwargs)
 
     def _resume_point(self, resume):
@@ -165,8 +168,6 @@ class ID3TrainerMixin:
                 )
         else:
             folder = os.fspath(resume)
-            if not os.path.isdir(folder):
-                return resume  # the Trainer's own "can't find a valid checkpoint" error
             if state_io.read_global_step(folder) is None or not os.path.exists(
                 os.path.join(folder, state_io.STATE_FILE)
             ):
@@ -218,3 +219,46 @@ class ID3Trainer(ID3TrainerMixin, Trainer):
 
 class ID3Seq2SeqTrainer(ID3TrainerMixin, Seq2SeqTrainer):
     """`transformers.Seq2SeqTrainer` with ID3 selective fine-tuning (same arguments as `ID3Trainer`)."""
+
+
+def _batch_size(inputs: dict) -> int:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("cannot tell the batch size: no tensor among the inputs.")
+
+
+def trainer_calibration_batches(trainer) -> Iterator[tuple[torch.Tensor, int]]:
+    """The Trainer's training data as (loss, batch size) pairs for methods that calibrate before training.
+
+    A plain DataLoader over `train_dataset` (same collator, column removal and batch size as training) in a
+    random order seeded by the engine's seed. It never touches the training DataLoader: an accelerate-prepared
+    loader that is left early stays registered as active, and its sampler's epoch counter would move. The loss
+    is `trainer.compute_loss` on the wrapped model, so under DDP every rank sees the same, all-reduced gradients.
+
+    Example:
+        >>> batches = trainer_calibration_batches(trainer)  # doctest: +SKIP
+    """
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+    dataset, collator = trainer.train_dataset, trainer.data_collator
+    try:
+        import datasets
+
+        is_hf = isinstance(dataset, datasets.Dataset)
+    except ImportError:
+        is_hf = False
+    if is_hf:
+        dataset = trainer._remove_unused_columns(dataset, description="calibration")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="calibration")
+    sampler = None
+    if not isinstance(dataset, IterableDataset):
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(trainer.engine.seed))
+    loader = DataLoader(dataset, batch_size=trainer._train_batch_size, sampler=sampler, collate_fn=collator)
+    model = trainer.model_wrapped
+    for batch in loader:
+        inputs = trainer._prepare_inputs(batch)
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, inputs)
+        yield loss, _batch_size(inputs)

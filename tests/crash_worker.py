@@ -23,7 +23,7 @@ import time
 import traceback
 
 import torch
-from conftest import MLP, mlp_data
+from helpers import MLP, mlp_data
 
 from id3_callback import ID3Callback, ID3Config, ID3Trainer
 from id3_callback import state as state_io

@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import MLP, mlp_data  # noqa: E402
+from helpers import MLP, mlp_data  # noqa: E402
 
 from id3_callback import ID3Callback, ID3Config, ID3Trainer, save_delta  # noqa: E402
 from id3_callback.distributed import get_rank  # noqa: E402

@@ -44,3 +44,24 @@ def test_alternate_warms_up_then_swaps_the_order_every_pair():
         "mode",
     )
     assert "| first | 7.00 | 0.50 |" in text and "x b = median of the per-pair ratios" in text
+
+
+def test_commit_ab_ratios_are_per_step_and_per_tree():
+    import bench_ab_commits
+
+    def times(full, id3):
+        return {"full": {"step": full}, "id3": {"step": id3}}
+
+    steps = {
+        "base": [times(100.0, 110.0), times(200.0, 180.0), times(300.0, 330.0)],
+        "head": [times(100.0, 121.0), times(100.0, 90.0), times(330.0, 330.0)],
+    }
+    out = bench_ab_commits.summarize(steps, ["full", "id3"])
+    # head / base of the same step: 1.1, 0.5, 1.0 for id3; 1.0, 0.5, 1.1 for full
+    assert out["id3"]["head_over_base"] == pytest.approx(1.0)
+    assert out["full"]["head_over_base"] == pytest.approx(1.0)
+    assert out["id3"]["base_ms"] == 180.0 and out["id3"]["head_ms"] == 121.0
+    # each tree's own x-full ratio, per step then the median: base 1.1, 0.9, 1.1; head 1.21, 0.9, 1.0
+    assert out["id3"]["base_x_full"] == pytest.approx(1.1)
+    assert out["id3"]["head_x_full"] == pytest.approx(1.0)
+    assert out["full"]["head_x_full"] == 1.0

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 import transformers.trainer as hf_trainer
-from conftest import MLP, mlp_data, snapshot, training_args
+from helpers import MLP, mlp_data, snapshot, training_args
 from transformers import Trainer, TrainerState
 
 from id3_callback import ID3Callback, ID3Config, ID3Trainer

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
-from conftest import MLP
+from helpers import MLP, brute_force_topk, global_topk, split_by_tensor
 from torch import nn
 
 from id3_callback import ID3Config, ID3Engine, Schedule, SparseAdamW, d3_scores
@@ -88,13 +87,8 @@ def test_unknown_scheduler_is_named():
 
 
 def brute_force(tensors, k):
-    """The reference: concatenate everything, order by (score desc, global index asc)."""
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    flat = torch.nan_to_num(flat, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))
-    chosen = [i for i in order if flat[i] > -math.inf][:k]
-    sizes = [t.numel() for t in tensors]
-    return sel.split_by_tensor(torch.tensor(chosen, dtype=torch.long), sizes)
+    """The reference, split per tensor."""
+    return split_by_tensor(brute_force_topk(tensors, k), [t.numel() for t in tensors])
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -113,14 +107,14 @@ def test_global_topk_equals_brute_force_with_ties_and_nans(seed, monkeypatch):
         tensors.append(t)
     total = sum(t.numel() for t in tensors)
     for k in {1, 2, 5, total // 2, total, total + 3}:
-        got = sel.global_topk(tensors, k)
+        got = global_topk(tensors, k)
         want = brute_force(tensors, k)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), (seed, k)
 
 
 def test_selection_never_picks_nan_or_inf_even_when_short():
     t = torch.tensor([float("nan"), float("inf"), 1.0, float("-inf")])
-    assert sel.global_topk([t], 4)[0].tolist() == [2]
+    assert global_topk([t], 4)[0].tolist() == [2]
 
 
 def test_streaming_topk_memory_is_bounded_by_k():

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import snapshot, tiny_bert, token_data, training_args
+from helpers import snapshot, tiny_bert, token_data, training_args
 
 from id3_callback import ID3Callback, ID3Config, ID3Trainer, apply_delta, load_delta, remove_delta, save_delta
 from id3_callback.delta import DeltaError
@@ -165,7 +165,7 @@ def test_delta_for_another_base_is_refused(trained):
 
 
 def test_shape_mismatch_for_dense_tensor_is_refused(tmp_path):
-    from conftest import MLP, mlp_data
+    from helpers import MLP, mlp_data
 
     model = MLP()
     trainer = ID3Trainer(

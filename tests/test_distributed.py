@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import ddp_worker
 import pytest
 import torch
-from conftest import MLP, mlp_data, training_args
+from helpers import MLP, mlp_data, training_args
 from torch import nn
 
 from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, apply_delta

@@ -13,22 +13,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
-from conftest import token_batches as batches
+from helpers import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
+from helpers import token_batches as batches
 from transformers import TrainerCallback
 
-import id3_callback.engine as engine_mod
 import id3_callback.selection as sel
-from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW
+from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW, TrainingSettings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded machine thread hand-offs dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tied_llama():
@@ -79,11 +71,10 @@ def test_low_memory_selects_the_same_entries_and_gives_bitwise_equal_weights(
     model_name, variant, monkeypatch
 ):
     if variant == "row_sparse":  # tiny embeddings take the row-sparse path, in small chunks
-        monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-        monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # a tied output layer in blocks of 32 rows
-        monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
+        monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+        monkeypatch.setattr(sel, "SCORE_CHUNK", 64)  # a tied output layer in blocks of 32 rows
     if variant == "per_tensor":
-        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
+        monkeypatch.setattr(sel, "SMALL_TENSOR", 0)
     std_model, std, std_sets, std_left = run_plain(model_name, low_memory=False)
     low_model, low, low_sets, low_left = run_plain(model_name, low_memory=True)
     assert not std.low_memory_active and low.low_memory_active
@@ -126,8 +117,8 @@ def test_a_tied_tables_gradient_is_never_built_whole(model_name, monkeypatch):
                     self.seen.add((tuple(t.shape), t.untyped_storage().data_ptr()))
             return out
 
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-    monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # blocks of 32 rows (of 100)
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "SCORE_CHUNK", 64)  # blocks of 32 rows (of 100)
     make, kind = MODELS[model_name]
     table_shapes = {}
     for streamed in (False, True):
@@ -147,7 +138,7 @@ def test_a_tied_tables_gradient_is_never_built_whole(model_name, monkeypatch):
 
 
 def test_a_third_use_of_a_streamed_table_is_refused_with_the_fix(monkeypatch):
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
     model = tied_llama()
     engine = ID3Engine(model, ID3Config(budget=300, low_memory=True))
     engine.start(3)
@@ -225,11 +216,16 @@ def test_a_second_backward_before_step_is_refused():
     ],
 )
 def test_settings_it_cannot_handle_warn_and_fall_back(settings, config, needle):
-    engine = ID3Engine(tiny_bert(), ID3Config(budget=100, low_memory=True, **config))
     with pytest.warns(UserWarning, match=needle):
-        assert not engine.configure_low_memory(**settings)
+        engine = ID3Engine(
+            tiny_bert(),
+            ID3Config(budget=100, low_memory=True, **config),
+            settings=TrainingSettings(**settings),
+        )
+    assert not engine.low_memory
     engine.start(4)
     assert not engine.low_memory_active
+    assert needle in engine.summary()  # the plan's reason, in the summary line
 
 
 def test_fp16_loss_scale_is_refused_in_a_plain_loop():
@@ -307,8 +303,8 @@ def test_through_the_trainer_clipping_runs_in_low_memory_mode(tmp_path):
 
 
 def test_through_the_trainer_a_tied_table_streams_with_the_same_result(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-    monkeypatch.setattr(engine_mod, "SCORE_CHUNK", 64)  # the output layer's gradient in blocks of 32 rows
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "SCORE_CHUNK", 64)  # the output layer's gradient in blocks of 32 rows
     # clipping that binds, and evaluations (no-grad forwards of the output layer) between the steps
     args = dict(model_name="tied_llama", max_grad_norm=0.05, eval_strategy="steps", eval_steps=2)
     std = train(tmp_path, low_memory=False, **args)

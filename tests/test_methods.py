@@ -9,10 +9,22 @@ for every method on the BERT classifier and for a few methods on the other two m
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLP, changed_entries, mlp_data, snapshot, tiny_bert, token_data, training_args
+from helpers import (
+    MLP,
+    brute_force_topk,
+    changed_entries,
+    mlp_data,
+    snapshot,
+    tiny_bert,
+    tiny_llama,
+    token_batches,
+    token_data,
+    training_args,
+)
 from transformers import TrainerCallback
 
 from id3_callback import (
@@ -32,33 +44,7 @@ BUDGET = 60
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy machine the second thread's
-    wake-ups cost far more than the work (measured: 10x slower training steps at load 7 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama_with_bias(seed: int = 0):
-    """conftest's tiny Llama plus attention biases, so that BitFit has something to select."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    )
-    return LlamaForCausalLM(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_bert(seed: int = 0):
@@ -72,7 +58,7 @@ def lora_bert(seed: int = 0):
 # name -> (model factory, dataset factory, ID3Config overrides)
 MODELS = {
     "bert": (tiny_bert, lambda: token_data(n=24, seq=8, kind="cls"), {}),
-    "llama": (tiny_llama_with_bias, lambda: token_data(n=24, seq=8, kind="lm"), {}),
+    "llama": (lambda: tiny_llama(attention_bias=True), lambda: token_data(n=24, seq=8, kind="lm"), {}),
     "lora": (lora_bert, lambda: token_data(n=24, seq=8, kind="cls"), {"dense": MODULES_TO_SAVE}),
 }
 
@@ -236,7 +222,7 @@ def test_fish_matches_hand_computed_fisher_and_restores_state():
     model.train()
     model.net[2].eval()
     rng = torch.get_rng_state()
-    fisher, used = fisher_information(engine, loader(), samples=8)
+    fisher, used = fisher_information(engine.model, engine.unmasked.params, loader(), samples=8)
     assert used == 8
     for n in names:
         torch.testing.assert_close(fisher[n], expected[n])
@@ -245,7 +231,7 @@ def test_fish_matches_hand_computed_fisher_and_restores_state():
     assert model.training and model.net[0].training and not model.net[2].training
 
     # The mask is the top-B of that estimate (ties by lower global index, none expected here).
-    engine.start(4, fisher_batches=loader)
+    engine.start(4, calibration_batches=loader)
     flat = torch.cat([expected[n].reshape(-1) for n in names])
     want = set(torch.argsort(flat, descending=True, stable=True)[:25].tolist())
     offsets = torch.tensor([0] + [engine.unmasked.params[n].numel() for n in names]).cumsum(0)
@@ -284,7 +270,7 @@ def test_fish_in_the_trainer_leaves_rng_modes_and_grads_as_they_were(tmp_path):
 
 def test_fish_without_data_says_how_to_fix():
     _, engine = _mlp_engine("fish")
-    with pytest.raises(ValueError, match="fisher_batches"):
+    with pytest.raises(ValueError, match="calibration_batches"):
         engine.start(4)
 
 
@@ -349,6 +335,32 @@ def test_bitfit_selects_exactly_the_biases():
         expected = engine.unmasked.params[name].numel() if name in biases else 0
         assert idx.numel() == expected and torch.equal(torch.sort(idx).values, torch.arange(expected))
     assert "BitFit" in engine.summary()
+
+
+def test_bitfit_budget_counts_dense_entries_inside_the_budget():
+    # MLP: the selectable biases hold 16 entries (net.0.bias); the dense head net.2 holds 16 * 3 + 3 = 51.
+    def build(budget, inside):
+        config = ID3Config(budget=budget, method="bitfit", dense=r"net\.2\.", dense_in_budget=inside)
+        return ID3Engine(MLP(), config)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # totals that match the configured budget: silent
+        assert build(16 + 51, inside=True).budget == 16
+        assert build(16, inside=False).budget == 16
+    # A budget smaller than the dense entries is not refused: bitfit does not use it, and says what it trains.
+    with pytest.warns(UserWarning, match=r"16 entries \+ 51 dense entries counted in the budget, not the "):
+        engine = build(5, inside=True)
+    assert engine.budget == 16 and engine.dense_entries == 51
+    engine.start(2)
+    assert len(engine.unmasked) == 16
+    x, y = mlp_data(n=8).columns.values()
+    for _ in range(2):
+        engine.model(x, y)["loss"].backward()
+        engine.step()
+    metrics = engine.log_metrics()
+    assert metrics["id3/updates_total"] == 2 * (16 + 51)
+    assert metrics["id3/updates_vs_static"] == 1.0 and metrics["id3/budget_used"] == 1.0
+    assert "51 entries, inside the budget" in engine.summary()
 
 
 def test_bitfit_without_biases_is_a_clear_error():
@@ -477,3 +489,49 @@ def test_static_chooses_once_on_the_first_gradients():
         fingerprints.append(engine.unmasked.fingerprint())
         assert len(engine.unmasked) == 15
     assert len(set(fingerprints)) == 1
+
+
+def test_the_worked_example_is_a_complete_method():
+    """docs/methods.md's example method, run from the page itself: one file's code, registered by name."""
+    from id3_callback.methods.base import METHODS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    code = page.split("### Worked example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("from .base import", "from id3_callback.methods.base import")
+    exec(compile(code, "docs/methods.md", "exec"), {"__name__": "gradient_magnitude"})
+    try:
+        assert "gradient-magnitude" in available_methods()
+        sets = {}
+        for low_memory in (False, True):
+            model = tiny_bert()
+            engine = ID3Engine(
+                model, ID3Config(budget=60, method="gradient-magnitude", low_memory=low_memory)
+            )
+            assert engine.low_memory_active is False and engine.low_memory == low_memory
+            engine.start(4)
+            chosen = []
+            for batch in token_batches("cls", 4):
+                model(**batch).loss.backward()
+                if not low_memory:  # the reference: |g| of every masked entry, brute-force top-k
+                    grads = [p.grad.abs().reshape(-1).clone() for p in engine.unmasked.params.values()]
+                    for g, idx in zip(grads, engine.unmasked.indices.values()):
+                        g[idx] = float("-inf")
+                    k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
+                    want = brute_force_topk(grads, k)
+                before = {n: i.clone() for n, i in engine.unmasked.indices.items()}
+                engine.step()
+                new = torch.cat(
+                    [
+                        engine.plan.offsets[n] + i[before[n].numel() :]
+                        for n, i in engine.unmasked.indices.items()
+                    ]
+                )
+                chosen.append(torch.sort(new).values)
+                if not low_memory:
+                    assert torch.equal(chosen[-1], torch.sort(want).values)
+                model.zero_grad()
+            assert len(engine.unmasked) == 60 and engine.low_memory_active == low_memory
+            sets[low_memory] = chosen
+        assert all(torch.equal(a, b) for a, b in zip(sets[False], sets[True]))
+    finally:
+        METHODS.pop("gradient-magnitude", None)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import changed_entries, snapshot, tiny_bert, token_data, training_args
+from helpers import changed_entries, snapshot, tiny_bert, token_data, training_args
 
 from id3_callback import ID3Config, ID3Engine, apply_delta, save_delta
 from id3_callback.peft_utils import MODULES_TO_SAVE, ia3_include, lora_include
@@ -15,14 +15,7 @@ from id3_callback.peft_utils import MODULES_TO_SAVE, ia3_include, lora_include
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, busy machine the second thread's
-    wake-ups cost far more than the work (measured: 10x slower training steps at load 7 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_model(bias: str = "none", seed: int = 0):

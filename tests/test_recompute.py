@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_t5, token_batches
+from helpers import tiny_bert, tiny_llama, tiny_t5, token_batches
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode

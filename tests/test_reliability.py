@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import torch
-from conftest import MLP, changed_entries, mlp_data, snapshot, tiny_bert, token_data, training_args
+from helpers import MLP, changed_entries, mlp_data, snapshot, tiny_bert, token_data, training_args
 
 from id3_callback import (
     DeltaError,
@@ -350,7 +350,8 @@ def test_format_1_deltas_still_apply(tmp_path):
     """A format 1 file (whole tensors with a base checksum, payload over tensors only) loads and applies."""
     from safetensors.torch import save_file
 
-    from id3_callback.delta import _payload_sha, _read, _sha
+    from id3_callback.delta import _payload_sha, _read
+    from id3_callback.io import _sha
 
     model = MLP()
     base = snapshot(model)

@@ -12,33 +12,15 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, token_data
+from helpers import brute_force_topk, tiny_bert, tiny_llama, token_data
 from torch import nn
 
-import id3_callback.engine as engine_mod
 import id3_callback.selection as sel
 from id3_callback import ID3Config, ID3Engine, SparseAdamW, d3_scores
 from id3_callback.masks import UnmaskedSet
 from id3_callback.selection import StreamingTopK, TensorScorer, nonzero_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded machine thread hand-offs dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def brute_force_global(scores: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Global indices of the top-k of the concatenation, ties to the lower index, -inf/NaN/Inf never."""
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    flat = torch.nan_to_num(flat, nan=float("-inf"), posinf=float("-inf"), neginf=float("-inf"))
-    eligible = (flat > float("-inf")).nonzero().view(-1)
-    # sort by index first, then stable by value descending: ties keep the lower index first
-    order = torch.argsort(flat[eligible], descending=True, stable=True)
-    return eligible[order][:k]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def integer_scores(
@@ -77,7 +59,7 @@ def test_push_at_offsets_in_any_order_equals_in_order(seed, monkeypatch):
         t[torch.rand(t.numel(), generator=g) < 0.1] = float("-inf")
     total = offsets[-1]
     for k in (1, 3, 7, total, total + 2):
-        want = brute_force_global(tensors, k)
+        want = brute_force_topk(tensors, k)
         top = StreamingTopK(k)
         for i in torch.randperm(len(tensors), generator=g).tolist():
             # payload = the global index itself, so we can check it travels with its entry
@@ -106,7 +88,7 @@ def test_deferred_merges_stay_exact(seed, monkeypatch):
         for i in torch.randperm(len(tensors), generator=g).tolist():
             top.push(tensors[i], offset=offsets[i], payload=torch.arange(offsets[i], offsets[i + 1]).float())
         values, index = top.result()
-        assert torch.equal(index, brute_force_global(tensors, k)), (seed, k)
+        assert torch.equal(index, brute_force_topk(tensors, k)), (seed, k)
         assert torch.equal(top.result_payload(), index.float())
         assert max(flushes) > 1  # several chunks' candidates were merged at once
 
@@ -193,7 +175,7 @@ def test_tensor_scorer_paths_equal_brute_force(seed, mode, monkeypatch):
     brute = d3_brute(params, unmasked)
     total = offsets[-1]
     for k in (1, 5, 40, total):
-        want = brute_force_global(brute, k)
+        want = brute_force_topk(brute, k)
         top, scorer = StreamingTopK(k), TensorScorer(partial(d3_scores, eps=1e-3, exp=1.0))
         items = list(enumerate(params.items()))
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -251,7 +233,7 @@ def test_gradient_bound_skips_chunks_and_stays_exact(monkeypatch):
     weight = torch.randn(2000, generator=g) * 0.05
     top, scorer = StreamingTopK(2), TensorScorer(partial(d3_scores, eps=1e-3, exp=1.0))
     scorer.push_flat(top, grad, weight, offset=0, excluded=torch.empty(0, dtype=torch.long))
-    want = brute_force_global([d3_scores(grad, weight)], 2)
+    want = brute_force_topk([d3_scores(grad, weight)], 2)
     assert torch.equal(top.result()[1], want)
     assert len(calls) < 2000 // 50 // 2  # most chunks were settled by the gradient bound alone
 
@@ -287,7 +269,7 @@ def test_streaming_topk_block_search_keeps_ties_exact(seed, monkeypatch):
         top = StreamingTopK(k)
         for i in torch.randperm(len(tensors), generator=g).tolist():
             top.push(tensors[i], offset=offsets[i])
-        assert torch.equal(top.result()[1], brute_force_global(tensors, k)), (seed, k)
+        assert torch.equal(top.result()[1], brute_force_topk(tensors, k)), (seed, k)
 
 
 @pytest.mark.parametrize("exp", [0.0, 1.0, 2.0])
@@ -325,7 +307,7 @@ def test_gradient_prefilter_scores_only_candidates_and_stays_exact(exp, sides, s
     for k in (1, 5, 25):
         top, scorer = StreamingTopK(k), TensorScorer(score, grad_scale=scale, keep_grads=True)
         scorer.push_flat(top, scaled, weight, offset=3, excluded=excluded)
-        want = brute_force_global([torch.zeros(3), brute], k)
+        want = brute_force_topk([torch.zeros(3), brute], k)
         values, index = top.result()
         assert torch.equal(index, want), (k, index, want)
         assert torch.equal(top.result_payload(), scaled[index - 3])  # candidates carry their own gradient
@@ -340,11 +322,11 @@ def test_gradient_prefilter_scores_only_candidates_and_stays_exact(exp, sides, s
 @pytest.mark.parametrize("variant", ["default", "row_sparse", "per_tensor"])
 def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypatch):
     if variant == "row_sparse":  # the tiny embeddings take the row path
-        monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
+        monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+        monkeypatch.setattr(sel, "SMALL_TENSOR", 0)
         monkeypatch.setattr(sel, "SCORE_CHUNK", 64)
     if variant == "per_tensor":  # no small-tensor batching, many chunks
-        monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)
+        monkeypatch.setattr(sel, "SMALL_TENSOR", 0)
         monkeypatch.setattr(sel, "SCORE_CHUNK", 100)
     model = model_fn()
     engine = ID3Engine(model, ID3Config(budget=500))
@@ -356,24 +338,24 @@ def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypa
     brute = d3_brute(engine.unmasked.params, engine.unmasked)
     for k in (1, 17, 250):
         top = StreamingTopK(k)
-        assert engine.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
-        assert torch.equal(top.result()[1], brute_force_global(brute, k)), (variant, k)
+        assert engine.scan.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
+        assert torch.equal(top.result()[1], brute_force_topk(brute, k)), (variant, k)
 
 
 def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
     """Zero-gradient rows score 0 and are eligible: when k exceeds the positive scores they are picked,
     lowest index first, exactly as the dense path would."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
     emb = nn.Embedding(50, 4)
     model = nn.Sequential(emb)
     engine = ID3Engine(model, ID3Config(budget=100))
     engine.start(1)
     emb(torch.tensor([3, 7])).sum().backward()  # rows 3 and 7: 8 positive scores
-    assert "0.weight" in engine._row_sparse
+    assert "0.weight" in engine.scan.row_sparse
     brute = d3_brute(engine.unmasked.params, engine.unmasked)
     top = StreamingTopK(20)
-    engine.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
-    want = brute_force_global(brute, 20)
+    engine.scan.push_scores(top, partial(d3_scores, eps=1e-3, exp=1.0))
+    want = brute_force_topk(brute, 20)
     assert torch.equal(top.result()[1], want)
     assert sorted(want[8:].tolist()) == list(range(12))  # the zeros: lowest indices
 
@@ -381,8 +363,8 @@ def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
 def test_low_memory_row_path_keeps_no_reference_to_freed_gradients(monkeypatch):
     """Inside backward the embedding takes the row path too, but its gradient is freed there: the engine
     must not keep it alive for masking (there is nothing to mask in low-memory mode)."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-    monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
     data = token_data(n=2, seq=6, kind="cls")
     batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
     model = tiny_bert()
@@ -396,15 +378,15 @@ def test_low_memory_row_path_keeps_no_reference_to_freed_gradients(monkeypatch):
     )
     model(**batch).loss.backward()
     assert rows_seen, "the embedding took the row path inside backward"
-    assert not engine._nonzero_rows
+    assert not engine.scan.nonzero_rows
     engine.step()
 
 
 @pytest.mark.parametrize("model_fn, kind", [(tiny_bert, "cls"), (tiny_llama, "lm")])
 def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
     """Masking zeroes only the rows scoring found nonzero; every gradient bit equals zeroing everything."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
-    monkeypatch.setattr(engine_mod, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "SMALL_TENSOR", 0)  # the tiny embedding is not batched with the biases
     data = token_data(n=2, seq=6, kind=kind)  # few tokens: most embedding rows get no gradient
     batch = {key: torch.stack([data[i][key] for i in range(2)]) for key in data.columns}
     grads = []
@@ -428,7 +410,7 @@ def test_row_sparse_masking_equals_dense_masking(model_fn, kind, monkeypatch):
             model(**batch).loss.backward()
             engine.step()
         assert all(given), "the embedding took the row path"
-        assert not engine._nonzero_rows  # released after masking: no gradient outlives its step
+        assert not engine.scan.nonzero_rows  # released after masking: no gradient outlives its step
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -487,7 +469,9 @@ def test_flat_sparse_adamw_is_bitwise_the_per_tensor_update():
     g = torch.Generator().manual_seed(0)
     for step in range(6):
         new = torch.randperm(ea.selectable, generator=g)[:5]
-        new = new[~torch.isin(new, torch.cat([ea._offsets[n] + i for n, i in ea.unmasked.indices.items()]))]
+        new = new[
+            ~torch.isin(new, torch.cat([ea.plan.offsets[n] + i for n, i in ea.unmasked.indices.items()]))
+        ]
         ea.add_global(new)
         eb.add_global(new)
         for pa, pb in zip(a.parameters(), b.parameters()):

@@ -6,13 +6,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
-from conftest import token_batches as batches
+from helpers import tiny_bert, tiny_llama, tiny_t5, token_data, training_args
+from helpers import token_batches as batches
 from torch import nn
 from transformers import TrainerCallback
 
 import id3_callback.engine as engine_mod
-from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW
+import id3_callback.selection as sel
+from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW, TrainingSettings
 from id3_callback.sparse_grads import (
     RowSparseEmbeddings,
     TiedOutputStreams,
@@ -27,7 +28,7 @@ from id3_callback.sparse_grads import (
 @pytest.fixture
 def tiny_tables(monkeypatch):
     """Let the tiny models' embeddings (3,200 entries) take the row-sparse path (the default needs 65,536)."""
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
 
 
 # ------------------------------------------------------------------------------------------------ the backward
@@ -196,7 +197,7 @@ def run_plain(
     config = ID3Config(budget=150, sparse_embedding_grads=sparse, low_memory=low_memory, method=method)
     engine = ID3Engine(model, config)
     fisher = lambda: ((model(**b).loss, 4) for b in batches("cls", 2, seed=1))  # noqa: E731 (FISH's data)
-    engine.start(steps, fisher_batches=fisher)
+    engine.start(steps, calibration_batches=fisher)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2, weight_decay=0.01)
     grads, norms = [], []
     for batch in batches("cls", steps):
@@ -278,14 +279,24 @@ def test_plain_loop_default_is_dense_and_explicit_true_that_cannot_apply_warns(t
             engine = ID3Engine(tiny_bert(), ID3Config(budget=100, sparse_embedding_grads=True, **config))
         engine.start(3)
         assert not engine.sparse_grads and not engine.sparse_tables
-    engine = ID3Engine(tiny_bert(), ID3Config(budget=100))
-    assert engine.configure_sparse_grads(auto=True)
-    assert not engine.configure_sparse_grads(loss_scaling=True, auto=True)  # auto: off, silently
+        assert any(
+            needle in reason for reason in engine.plan.sparse_grad_blockers
+        )  # and the summary says why
+        assert "row-sparse embedding gradients off" in engine.summary()
+    trainer_like = TrainingSettings(grads_through_engine=True)
+    assert ID3Engine(tiny_bert(), ID3Config(budget=100), settings=trainer_like).sparse_grads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto: off, silently
+        fp16 = TrainingSettings(grads_through_engine=True, loss_scaling=True)
+        assert not ID3Engine(tiny_bert(), ID3Config(budget=100), settings=fp16).sparse_grads
 
 
 def test_ddp_found_at_start_turns_it_off(tiny_tables, monkeypatch):
-    engine = ID3Engine(tiny_bert(), ID3Config(budget=100))
-    assert engine.configure_sparse_grads(auto=True)  # as ID3Trainer does, before the process group exists
+    # as under ID3Trainer, built before the process group exists
+    engine = ID3Engine(
+        tiny_bert(), ID3Config(budget=100), settings=TrainingSettings(grads_through_engine=True)
+    )
+    assert engine.sparse_grads
     monkeypatch.setattr(engine_mod, "is_distributed", lambda: True)
     engine.start(3)
     assert not engine.sparse_grads and not engine.sparse_tables

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_t5, token_data, training_args
+from helpers import tiny_bert, tiny_t5, token_data, training_args
 
 from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer
 from id3_callback.logging import (
@@ -157,7 +157,7 @@ def test_wandb_offline_run_has_heatmaps_tables_histograms_and_delta(tmp_path, mo
 
 
 def test_tensor_counts_see_fully_unmasked_tensors():
-    from conftest import MLP
+    from helpers import MLP
 
     from id3_callback.logging.plots import tensor_counts
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SelectionMethod, register_method
-from .common import fixed_budget
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("bitfit")
@@ -20,19 +19,22 @@ class BitFit(SelectionMethod):
 
     def __init__(self, engine) -> None:
         super().__init__(engine)
-        self.biases = [name for name in engine.unmasked.params if name.endswith("bias")]
+        params = engine.unmasked.params
+        self.biases = [name for name in params if name.endswith("bias")]
         if not self.biases:
             raise ValueError(
                 "method 'bitfit' found no selectable parameter whose name ends with 'bias' (selectable: "
-                f"{list(engine.unmasked.params)[:5]}...). Unfreeze the biases or adjust include/exclude/dense."
+                f"{list(params)[:5]}...). Unfreeze the biases or adjust include/exclude/dense."
             )
-        count = sum(engine.unmasked.params[name].numel() for name in self.biases)
-        fixed_budget(engine, count, "bitfit", f"the {len(self.biases)} selectable bias tensors")
+        self.entries = sum(params[name].numel() for name in self.biases)
 
-    def on_start(self) -> None:
-        for name in self.biases:
-            p = self.engine.unmasked.params[name]
-            self.engine.unmasked.add(name, torch.arange(p.numel(), device=p.device))
+    def budget_override(self) -> tuple[int, str]:
+        return self.entries, f"the {len(self.biases)} selectable bias tensors"
+
+    def on_start(self, ctx: StepContext) -> Selection:
+        params, offsets = self.engine.unmasked.params, ctx.scan.offsets
+        index = [torch.arange(params[n].numel(), device=params[n].device) + offsets[n] for n in self.biases]
+        return Selection(torch.cat(index))
 
     def describe(self) -> str:
-        return f"BitFit: {len(self.biases)} bias tensors; budget = their {self.engine.budget:,} entries"
+        return f"BitFit: {len(self.biases)} bias tensors; budget = their {self.entries:,} entries"

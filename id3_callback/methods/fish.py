@@ -10,22 +10,22 @@ restores every module's train/eval flag, every `.grad`, and the torch (CPU and C
 random states, so training after it draws exactly the random numbers it would have drawn without it. It
 changes no weight (no optimizer step happens).
 
-Data: `engine.fisher_batches`, a zero-argument callable returning an iterable of (loss, batch size).
-`ID3Trainer` sets it to `trainer_fisher_batches(trainer)`; outside the Trainer pass
-`engine.start(T, fisher_batches=...)`.
+Data: the calibration batches (`StepContext.calibration_batches`), a zero-argument callable returning an
+iterable of (loss, batch size). `ID3Trainer` hands in its training data (`trainer_calibration_batches`);
+outside the Trainer pass `engine.start(T, calibration_batches=...)`.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
-from .base import SelectionMethod, register_method
-from .common import add_selected, top_entries
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @contextmanager
@@ -49,7 +49,10 @@ def preserved_rng(devices: list[int]):
 
 @torch.enable_grad()
 def fisher_information(
-    engine, batches: Iterable[tuple[torch.Tensor, int]], samples: int
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    batches: Iterable[tuple[torch.Tensor, int]],
+    samples: int,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Per selectable tensor, the sum of squared per-batch gradients (float32); and the samples used.
 
@@ -57,10 +60,8 @@ def fisher_information(
 
     Example:
         >>> batches = ((model(**b).loss, len(b["labels"])) for b in loader)  # doctest: +SKIP
-        >>> fisher, used = fisher_information(engine, batches, samples=256)    # doctest: +SKIP
+        >>> fisher, used = fisher_information(model, params, batches, samples=256)  # doctest: +SKIP
     """
-    model = engine.model
-    params = engine.unmasked.params
     all_params = list(model.parameters())
     saved_grads = [p.grad for p in all_params]
     modes = [(m, m.training) for m in model.modules()]
@@ -94,7 +95,7 @@ def fisher_information(
         for module, mode in modes:
             module.training = mode
     if seen == 0:
-        raise ValueError("the Fisher pass got no data: fisher_batches yielded no batch.")
+        raise ValueError("the Fisher pass got no data: calibration_batches yielded no batch.")
     if seen < samples:
         warnings.warn(
             f"the Fisher estimate used {seen:,} samples, fewer than fisher_samples={samples:,}: "
@@ -110,7 +111,7 @@ class FishMask(SelectionMethod):
 
     Example:
         >>> engine = ID3Engine(model, ID3Config(method="fish", budget=1000, fisher_samples=256))  # doctest: +SKIP
-        >>> engine.start(T, fisher_batches=lambda: ((loss_fn(b), len(b)) for b in loader))   # doctest: +SKIP
+        >>> engine.start(T, calibration_batches=lambda: ((loss_fn(b), len(b)) for b in loader))  # doctest: +SKIP
     """
 
     incremental = False
@@ -119,20 +120,20 @@ class FishMask(SelectionMethod):
         super().__init__(engine)
         self.samples_used = 0
 
-    def on_start(self) -> None:
-        engine = self.engine
-        if engine.fisher_batches is None:
+    def on_start(self, ctx: StepContext) -> Selection:
+        if ctx.calibration_batches is None:
             raise ValueError(
                 "method 'fish' needs training data before training: use ID3Trainer, or pass "
-                "engine.start(total_steps, fisher_batches=fn) where fn() yields (loss, batch_size) pairs."
+                "engine.start(total_steps, calibration_batches=fn) where fn() yields (loss, batch_size) pairs."
             )
+        engine = self.engine
         fisher, self.samples_used = fisher_information(
-            engine, engine.fisher_batches(), engine.config.fisher_samples
+            engine.model, engine.unmasked.params, ctx.calibration_batches(), engine.config.fisher_samples
         )
-        values, index, _ = top_entries(
-            engine, engine.budget, lambda name, p, start, stop: fisher[name].reshape(-1)[start:stop].clone()
+        scores, index, _ = ctx.scan.top_entries(
+            ctx.budget, lambda name, p, start, stop: fisher[name].reshape(-1)[start:stop].clone()
         )
-        add_selected(engine, values, index)
+        return Selection(index, scores)
 
     def describe(self) -> str:
         used = f" ({self.samples_used:,} samples)" if self.samples_used else ""
@@ -143,46 +144,3 @@ class FishMask(SelectionMethod):
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_used = int(state.get("samples_used", 0))
-
-
-def _batch_size(inputs: dict) -> int:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise ValueError("cannot tell the batch size: no tensor among the inputs.")
-
-
-def trainer_fisher_batches(trainer) -> Iterator[tuple[torch.Tensor, int]]:
-    """The Trainer's training data as (loss, batch size) pairs for the Fisher pass.
-
-    A plain DataLoader over `train_dataset` (same collator, column removal and batch size as training) in a
-    random order seeded by the engine's seed. It never touches the training DataLoader: an accelerate-prepared
-    loader that is left early stays registered as active, and its sampler's epoch counter would move. The loss
-    is `trainer.compute_loss` on the wrapped model, so under DDP every rank sees the same, all-reduced gradients.
-
-    Example:
-        >>> engine.fisher_batches = functools.partial(trainer_fisher_batches, trainer)  # doctest: +SKIP
-    """
-    from torch.utils.data import DataLoader, IterableDataset, RandomSampler
-
-    dataset, collator = trainer.train_dataset, trainer.data_collator
-    try:
-        import datasets
-
-        is_hf = isinstance(dataset, datasets.Dataset)
-    except ImportError:
-        is_hf = False
-    if is_hf:
-        dataset = trainer._remove_unused_columns(dataset, description="Fisher")
-    else:
-        collator = trainer._get_collator_with_removed_columns(collator, description="Fisher")
-    sampler = None
-    if not isinstance(dataset, IterableDataset):
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(trainer.engine.seed))
-    loader = DataLoader(dataset, batch_size=trainer._train_batch_size, sampler=sampler, collate_fn=collator)
-    model = trainer.model_wrapped
-    for batch in loader:
-        inputs = trainer._prepare_inputs(batch)
-        with trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(model, inputs)
-        yield loss, _batch_size(inputs)

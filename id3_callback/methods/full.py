@@ -6,8 +6,7 @@ base values (only a checksum), so memory is that of ordinary full fine-tuning wi
 
 from __future__ import annotations
 
-from .base import SelectionMethod, register_method
-from .common import fixed_budget
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("full")
@@ -21,13 +20,11 @@ class Full(SelectionMethod):
     incremental = False
     sparse_grads = False  # whole tensors train from their dense gradient
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        fixed_budget(engine, engine.selectable, "full", "every selectable entry")
+    def budget_override(self) -> tuple[int, str]:
+        return sum(p.numel() for p in self.engine.unmasked.params.values()), "every selectable entry"
 
-    def on_start(self) -> None:
-        for name in self.engine.unmasked.params:
-            self.engine.unmasked.unmask_all(name)
+    def on_start(self, ctx: StepContext) -> Selection:
+        return Selection(whole=tuple(self.engine.unmasked.params))
 
     def describe(self) -> str:
         return "full fine-tuning: every selectable entry"

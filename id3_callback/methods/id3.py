@@ -5,11 +5,17 @@ from __future__ import annotations
 from functools import partial
 
 from ..scores import d3_scores
-from .base import SelectionMethod, register_method
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("id3")
 class ID3(SelectionMethod):
+    """The paper's method: D3 scores |g| / (|theta| + eps)^exp, the k best masked entries each step.
+
+    Example:
+        >>> ID3Config(method="id3", budget=1000)  # doctest: +SKIP
+    """
+
     incremental = True
 
     def score_fn(self):
@@ -17,7 +23,8 @@ class ID3(SelectionMethod):
         config = self.engine.config
         return partial(d3_scores, eps=config.eps, exp=config.exp)
 
-    def on_step(self, k: int) -> bool:
-        if k <= 0:
-            return True
-        return self.engine.select_top(k, self.score_fn())
+    def on_step(self, ctx: StepContext) -> Selection | None:
+        if ctx.k <= 0:
+            return None
+        scores, index = ctx.scan.top_by_gradient(ctx.k, self.score_fn(), ctx.grad_scale)
+        return Selection(index, scores)

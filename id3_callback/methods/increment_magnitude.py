@@ -6,9 +6,9 @@ only the order in which entries start training differs.
 
 from __future__ import annotations
 
+from ..scan import weight_chunk
 from ..scores import magnitude_scores
-from .base import SelectionMethod, register_method
-from .common import add_selected, top_entries, weight_chunk
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("increment-magnitude")
@@ -21,13 +21,13 @@ class IncrementMagnitude(SelectionMethod):
 
     incremental = True
 
-    def on_step(self, k: int) -> bool:
-        if k > 0:
-            values, index, _ = top_entries(
-                self.engine, k, lambda name, p, start, stop: magnitude_scores(weight_chunk(p, start, stop))
-            )
-            add_selected(self.engine, values, index)
-        return True
+    def on_step(self, ctx: StepContext) -> Selection | None:
+        if ctx.k <= 0:
+            return None
+        scores, index, _ = ctx.scan.top_entries(
+            ctx.k, lambda name, p, start, stop: magnitude_scores(weight_chunk(p, start, stop))
+        )
+        return Selection(index, scores)
 
     def describe(self) -> str:
         return "increment-PaFi: the k smallest |theta| among masked entries join each step"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..scan import weight_chunk
 from ..scores import magnitude_scores
-from .base import SelectionMethod, register_method
-from .common import add_selected, top_entries, weight_chunk
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("pafi")
@@ -17,13 +17,11 @@ class PaFi(SelectionMethod):
 
     incremental = False
 
-    def on_start(self) -> None:
-        values, index, _ = top_entries(
-            self.engine,
-            self.engine.budget,
-            lambda name, p, start, stop: magnitude_scores(weight_chunk(p, start, stop)),
+    def on_start(self, ctx: StepContext) -> Selection:
+        scores, index, _ = ctx.scan.top_entries(
+            ctx.budget, lambda name, p, start, stop: magnitude_scores(weight_chunk(p, start, stop))
         )
-        add_selected(self.engine, values, index)
+        return Selection(index, scores)
 
     def describe(self) -> str:
         return "PaFi: the B smallest |theta| before training, fixed"

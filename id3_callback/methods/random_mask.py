@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SelectionMethod, register_method
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 def sample_without_replacement(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -44,10 +44,9 @@ class RandomMask(SelectionMethod):
 
     incremental = False
 
-    def on_start(self) -> None:
+    def on_start(self, ctx: StepContext) -> Selection:
         generator = torch.Generator().manual_seed(self.engine.seed)
-        index = sample_without_replacement(self.engine.selectable, self.engine.budget, generator)
-        self.engine.add_global(index)
+        return Selection(sample_without_replacement(ctx.scan.total, ctx.budget, generator))
 
     def describe(self) -> str:
         return f"random: B entries uniformly at random (seed {self.engine.seed}), fixed"

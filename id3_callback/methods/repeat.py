@@ -13,12 +13,8 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-
 from ..scores import d3_scores
-from ..selection import StreamingTopK, TensorScorer
-from .base import SelectionMethod, register_method
-from .common import per_tensor
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("repeat")
@@ -40,25 +36,16 @@ class RepeatD3(SelectionMethod):
                 "left the set with their leftover momentum. Set ID3Config(optimizer='sparse_adamw')."
             )
 
-    def on_step(self, k: int) -> bool:
-        engine, config = self.engine, self.engine.config
+    def on_step(self, ctx: StepContext) -> Selection:
         # Every entry competes, the set included; a tensor without a gradient counts as zero gradients. The
         # scorer's D3 shortcuts (gradient bound, candidates found from the gradient alone) apply as for ID3.
-        # fp16 loss scaling multiplies every score alike, so the ranking needs no unscaling.
-        top = StreamingTopK(engine.budget)
-        scorer = TensorScorer(partial(d3_scores, eps=config.eps, exp=config.exp))
-        nothing = torch.empty(0, dtype=torch.long)
-        offset = 0
-        for p in engine.unmasked.params.values():
-            scorer.push_flat(top, p.grad, p, offset, nothing.to(p.device))
-            offset += p.numel()
-        if not scorer.finite and engine.current_check_overflow:
-            return False  # keep last step's set; the optimizer skips this step
-        values, index = top.result()
-        engine.last_selected_scores = values.detach().cpu()
-        for name, local in per_tensor(engine, index).items():
-            engine.unmasked.replace(name, local)
-        return True
+        # fp16 loss scaling multiplies every score alike, so the ranking needs no unscaling. On an overflow
+        # the engine keeps last step's set (the optimizer skips the step).
+        config = self.engine.config
+        scores, index = ctx.scan.top_of_every_entry(
+            ctx.budget, partial(d3_scores, eps=config.eps, exp=config.exp)
+        )
+        return Selection(index, scores, replace=True)
 
     def describe(self) -> str:
         return "repeat-S: a fresh top-B by D3 every step (deltas hold every entry ever trained)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..scores import d3_scores
-from .base import SelectionMethod, register_method
+from .base import Selection, SelectionMethod, StepContext, register_method
 
 
 @register_method("static")
@@ -20,11 +20,13 @@ class StaticD3(SelectionMethod):
 
     incremental = False
 
-    def on_step(self, k: int) -> bool:
-        if len(self.engine.unmasked):
-            return True
+    def on_step(self, ctx: StepContext) -> Selection | None:
+        if ctx.unmasked:
+            return None
         config = self.engine.config
-        return self.engine.select_top(self.engine.budget, partial(d3_scores, eps=config.eps, exp=config.exp))
+        score_fn = partial(d3_scores, eps=config.eps, exp=config.exp)
+        scores, index = ctx.scan.top_by_gradient(ctx.budget, score_fn, ctx.grad_scale)
+        return Selection(index, scores)
 
     def describe(self) -> str:
         return "static-S: top-B by D3 on the first step's gradients, fixed afterwards"

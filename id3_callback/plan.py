@@ -1,0 +1,298 @@
+"""The plan: which entries are selectable, the budget, and every mode of a run, decided once with reasons.
+
+`resolve_plan` is a pure function of the model's parameters, the config, the method and the training loop's
+settings (`TrainingSettings`, which `ID3Trainer` fills from `TrainingArguments`). Its result is frozen: the
+engine installs what it says at `start` and never changes a mode afterwards. A mode the config asks for
+explicitly that cannot apply is turned off with a warning naming each blocker; the summary line repeats them.
+
+Example:
+    >>> plan = resolve_plan(model, ID3Config(budget=100, low_memory=True), method,
+    ...                     TrainingSettings(accumulation_steps=4))        # doctest: +SKIP
+    >>> plan.low_memory, plan.low_memory_blockers[0][:29]                 # doctest: +SKIP
+    (False, 'gradient_accumulation_steps=4')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import selection
+from .config import ID3Config
+from .sparse_grads import row_sparse_candidates, tied_output_candidates
+
+if TYPE_CHECKING:
+    from .methods.base import SelectionMethod
+
+TORCH_CLIPPING = (
+    "max_grad_norm > 0 with a transformers version whose Trainer clips inline with torch's clip_grad_norm_, "
+    "which reads only dense p.grad (upgrade transformers, or set max_grad_norm=0)"
+)
+#: () -> iterable of (loss with its graph, samples in the batch): data for methods that calibrate before
+#: training ('fish'); see `ID3Engine.start`.
+CalibrationBatches = Callable[[], Iterable[tuple[torch.Tensor, int]]]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What the training loop does around `engine.step()`: the facts a mode decision depends on.
+
+    `grads_through_engine`: the loop reads gradients only through the engine (`clip_grad_norm_`,
+    `grad_norm`), as `ID3Trainer` does; row-sparse embedding gradients are then on by default.
+    `torch_clipping`: the loop clips with `torch.nn.utils.clip_grad_norm_`, which reads only dense `p.grad`.
+    `calibration_batches`: training data for methods that look at it before training ('fish').
+
+    Example:
+        >>> TrainingSettings(accumulation_steps=2, loss_scaling=True).accumulation_steps
+        2
+    """
+
+    accumulation_steps: int = 1
+    loss_scaling: bool = False
+    torch_clipping: bool = False
+    grads_through_engine: bool = False
+    calibration_batches: CalibrationBatches | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before training; the engine reads it, nothing writes it.
+
+    `*_blockers` name why a mode is off (empty when nothing blocks it, or when it was not asked for).
+    """
+
+    selectable: Mapping[str, nn.Parameter]
+    dense: Mapping[str, nn.Parameter]
+    offsets: Mapping[str, int]  # each selectable tensor's first global flat index
+    selectable_entries: int
+    dense_entries: int
+    budget: int  # selectable entries to unmask over the run
+    settings: TrainingSettings
+    distributed: bool
+    low_memory: bool
+    low_memory_blockers: tuple[str, ...]
+    sparse_grads: bool
+    sparse_grad_blockers: tuple[str, ...]
+    row_sparse_tables: Mapping[str, nn.Embedding]  # made row-sparse when `sparse_grads`
+    tied_tables: Mapping[str, tuple]  # streamed in blocks when `sparse_grads` and `low_memory`
+    recompute: bool
+    row_sparse_scoring: frozenset[str]  # embedding weights whose gradient rows are checked for zeros
+
+    def reasons(self) -> list[str]:
+        """Summary lines for modes the config asked for that the plan turned off."""
+        lines = []
+        if self.low_memory_blockers:
+            lines.append(f"  low-memory mode off: {'; '.join(self.low_memory_blockers)}")
+        if self.sparse_grad_blockers:
+            lines.append(f"  row-sparse embedding gradients off: {'; '.join(self.sparse_grad_blockers)}")
+        return lines
+
+
+def _match(pattern: str | None, name: str) -> bool:
+    return pattern is not None and re.search(pattern, name) is not None
+
+
+def split_parameters(
+    model: nn.Module, config: ID3Config
+) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+    """(selectable, dense) trainable parameters by name, per include / exclude / dense."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            "the model has no trainable parameters: ID3 selects among parameters with requires_grad=True. "
+            "Call model.requires_grad_(True) (or unfreeze the layers to fine-tune) before building the trainer."
+        )
+    for label, pattern in (("include", config.include), ("exclude", config.exclude), ("dense", config.dense)):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{label}={pattern!r} is not a valid regex: {err}") from None
+    dense = {n: p for n, p in trainable.items() if _match(config.dense, n)}
+    selectable = {
+        n: p
+        for n, p in trainable.items()
+        if n not in dense
+        and (config.include is None or _match(config.include, n))
+        and not _match(config.exclude, n)
+    }
+    if config.dense is not None and not dense:
+        raise ValueError(
+            f"dense={config.dense!r} matches no trainable parameter. Some names: {list(trainable)[:6]}"
+        )
+    if not selectable:
+        raise ValueError(
+            f"include={config.include!r} / exclude={config.exclude!r} leave no selectable parameter. "
+            f"Trainable names look like: {list(trainable)[:6]}. Adjust the regexes (they use re.search)."
+        )
+    return selectable, dense
+
+
+def resolve_budget(config: ID3Config, method: SelectionMethod, selectable: int, dense: int) -> int:
+    """The number of selectable entries to unmask over the run.
+
+    The configured budget counts selectable entries, plus the dense ones with `dense_in_budget`. A method
+    whose set size is not a choice (`budget_override`: bitfit, full) trains its own count instead; it warns
+    when that total differs from the configured budget, and no dense-entry check applies to a budget unused.
+    """
+    configured = config.resolve_budget(selectable)
+    inside = dense if config.dense_in_budget else 0
+    override = method.budget_override()
+    if override is not None:
+        count, what = override
+        if count + inside != configured:
+            plus = f" + {inside:,} dense entries counted in the budget" if inside else ""
+            warnings.warn(
+                f"method {config.method!r} trains {what}: {count:,} entries{plus}, not the configured budget of "
+                f"{configured:,}; the budget is set to {count:,}.",
+                stacklevel=4,
+            )
+        return count
+    if config.dense_in_budget and dense >= configured:
+        raise ValueError(
+            f"dense parameters hold {dense:,} entries, all of the budget {configured:,}: "
+            "raise the budget or set dense_in_budget=False."
+        )
+    return configured - inside
+
+
+def low_memory_blockers(config: ID3Config, method: SelectionMethod, settings: TrainingSettings) -> list[str]:
+    """Why the low-memory mode cannot run under these settings (empty list: it can).
+
+    Clipping by the global norm is fine as long as it goes through `clip_grad_norm_` (ID3Trainer's does).
+    """
+    reasons = []
+    if settings.accumulation_steps > 1:
+        reasons.append(
+            f"gradient_accumulation_steps={settings.accumulation_steps} (it scores each gradient as backward "
+            "completes it, so it needs the whole step's gradient in one backward)"
+        )
+    if settings.loss_scaling:
+        reasons.append("fp16 loss scaling (the scaler unscales p.grad, which this mode frees; use bf16)")
+    if settings.torch_clipping:
+        reasons.append(TORCH_CLIPPING)
+    if config.optimizer != "sparse_adamw":
+        reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
+    if method.score_fn() is None:
+        reasons.append(f"method={config.method!r} (only methods that grow the set by a score, e.g. 'id3')")
+    return reasons
+
+
+def sparse_grad_blockers(
+    config: ID3Config, method: SelectionMethod, settings: TrainingSettings, distributed: bool
+) -> list[str]:
+    """Why row-sparse embedding gradients cannot be used under these settings (empty list: they can)."""
+    reasons = []
+    if config.optimizer != "sparse_adamw":
+        reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
+    if not method.sparse_grads:
+        reasons.append(f"method={config.method!r} (it reads dense gradients)")
+    if settings.loss_scaling:
+        reasons.append("fp16 loss scaling (the scaler's unscale and norm passes read dense gradients)")
+    if distributed:
+        reasons.append("DDP (its gradient all-reduce expects the dense layout)")
+    if settings.torch_clipping:
+        reasons.append(TORCH_CLIPPING)
+    return reasons
+
+
+def resolve_plan(
+    model: nn.Module,
+    config: ID3Config,
+    method: SelectionMethod,
+    selectable: dict[str, nn.Parameter],
+    dense: dict[str, nn.Parameter],
+    settings: TrainingSettings,
+    distributed: bool,
+) -> Plan:
+    """Decide every mode once.
+
+    Low-memory mode (`config.low_memory`) falls back with a warning when a blocker applies. Row-sparse
+    embedding gradients: an explicit True or False is honoured where possible (True that cannot apply warns);
+    None means on under the Trainer (`settings.grads_through_engine`) and in low-memory mode, where the
+    hooks free `p.grad` in backward so the loop never sees the layout. Pointwise recomputation: None means
+    on exactly in low-memory mode.
+    """
+    selectable_entries = sum(p.numel() for p in selectable.values())
+    dense_entries = sum(p.numel() for p in dense.values())
+    offsets, running = {}, 0
+    for name, p in selectable.items():
+        offsets[name], running = running, running + p.numel()
+    budget = resolve_budget(config, method, selectable_entries, dense_entries)
+
+    low_memory, lm_blockers = bool(config.low_memory), ()
+    if low_memory:
+        lm_blockers = tuple(low_memory_blockers(config, method, settings))
+        if lm_blockers:
+            low_memory = False
+            warnings.warn(
+                f"ID3Config(low_memory=True) cannot apply with {'; '.join(lm_blockers)}. Falling back to the "
+                "standard mode: the same selection, but dense gradients are kept until the optimizer step.",
+                stacklevel=3,
+            )
+
+    wanted = config.sparse_embedding_grads
+    wanted = (settings.grads_through_engine or low_memory) if wanted is None else wanted
+    sparse_grads, sg_blockers = _sparse_grads(config, method, settings, distributed, bool(wanted))
+
+    recompute = config.recompute_pointwise
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return Plan(
+        selectable=MappingProxyType(dict(selectable)),
+        dense=MappingProxyType(dict(dense)),
+        offsets=MappingProxyType(offsets),
+        selectable_entries=selectable_entries,
+        dense_entries=dense_entries,
+        budget=budget,
+        settings=settings,
+        distributed=distributed,
+        low_memory=low_memory,
+        low_memory_blockers=lm_blockers,
+        sparse_grads=sparse_grads,
+        sparse_grad_blockers=sg_blockers,
+        row_sparse_tables=MappingProxyType(
+            row_sparse_candidates(model, selectable, selection.ROW_SPARSE_MIN_ENTRIES)
+        ),
+        tied_tables=MappingProxyType(
+            tied_output_candidates(model, selectable, selection.ROW_SPARSE_MIN_ENTRIES)
+        ),
+        recompute=low_memory if recompute is None else bool(recompute),
+        row_sparse_scoring=frozenset(
+            n
+            for n, p in selectable.items()
+            if id(p) in embeddings and p.numel() >= selection.ROW_SPARSE_MIN_ENTRIES
+        ),
+    )
+
+
+def _sparse_grads(
+    config: ID3Config, method: SelectionMethod, settings: TrainingSettings, distributed: bool, wanted: bool
+) -> tuple[bool, tuple[str, ...]]:
+    """(on, the blockers to report): an explicit True that cannot apply warns; reasons are kept only for it."""
+    blockers = tuple(sparse_grad_blockers(config, method, settings, distributed)) if wanted else ()
+    if blockers and config.sparse_embedding_grads:
+        warnings.warn(
+            f"ID3Config(sparse_embedding_grads=True) cannot apply with {'; '.join(blockers)}. Embedding "
+            "gradients stay dense (the same selection, a slower backward).",
+            stacklevel=4,
+        )
+    return wanted and not blockers, blockers if config.sparse_embedding_grads else ()
+
+
+def with_process_group(plan: Plan, config: ID3Config, method: SelectionMethod) -> Plan:
+    """`plan` for a process group that appeared after it was made (a plain loop may build the engine before
+    `init_process_group`; `start` checks): the layout decision again, everything else as it was."""
+    if plan.distributed:
+        return plan
+    sparse_grads, blockers = _sparse_grads(config, method, plan.settings, True, plan.sparse_grads)
+    return dataclasses.replace(
+        plan, distributed=True, sparse_grads=sparse_grads, sparse_grad_blockers=blockers
+    )
