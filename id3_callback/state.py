@@ -175,7 +175,9 @@ def verify(
         if total_steps is None or saved.get("total_steps") is None:
             saved, here = dict(saved, total_steps=None), dict(here, total_steps=None)
         diffs = [
-            f"{key}: checkpoint {saved.get(key)!r}, this run {here.get(key)!r}"
+            "the selectable or dense tensors (names, shapes or dtypes)"
+            if key == "tensors"
+            else f"{key}: checkpoint {saved.get(key)!r}, this run {here.get(key)!r}"
             for key in here
             if saved.get(key) != here.get(key)
         ]

@@ -154,6 +154,7 @@ CHANGED = [
         "include: checkpoint None, this run 'net",
     ),
     ("budget", dict(config=ID3Config(budget=30)), "budget: checkpoint 40, this run 30"),
+    ("model", dict(hidden=12), "the selectable or dense tensors (names, shapes or dtypes)"),
     (
         "method",
         dict(config=ID3Config(budget=40, method="static")),
@@ -173,6 +174,9 @@ def test_resume_with_other_settings_is_refused_before_the_optimizer_loads(run, m
 
     loads = []
     monkeypatch.setattr(Trainer, "_load_optimizer_and_scheduler", lambda self, c: loads.append(c))
+    if "hidden" in changes:  # a model of another shape, built here rather than at import
+        changes = dict(changes, model=MLP(hidden=changes["hidden"]))
+        del changes["hidden"]
     trainer = make(run, **changes)
     with pytest.raises(StateError, match=re.escape(needle)):
         trainer.train(resume_from_checkpoint=str(run / "out" / "checkpoint-4"))
