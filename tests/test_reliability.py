@@ -43,10 +43,17 @@ def make(tmp_path, config=None, model=None, data=None, **args):
     )
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    make(folder).train()
+    return folder / "out"
+
+
 @pytest.fixture
-def run(tmp_path):
-    """A finished run with checkpoint-2, -4 and -6 in tmp_path/out."""
-    make(tmp_path).train()
+def run(tmp_path, finished):
+    """A finished run with checkpoint-2, -4 and -6 in tmp_path/out (a copy each test may damage)."""
+    shutil.copytree(finished, tmp_path / "out")
     return tmp_path
 
 
@@ -444,11 +451,12 @@ def test_a_budget_not_met_at_train_end_warns_and_counts_the_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- 7. delta files
-@pytest.fixture
-def delta_file(tmp_path):
-    trainer = make(tmp_path, ID3Config(budget=40, dense=r"net\.2\.bias"), save_strategy="no")
+@pytest.fixture(scope="module")
+def delta_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("delta")
+    trainer = make(folder, ID3Config(budget=40, dense=r"net\.2\.bias"), save_strategy="no")
     trainer.train()
-    return save_delta(trainer, tmp_path / "d.safetensors")
+    return save_delta(trainer, folder / "d.safetensors")
 
 
 def _resave(path, out, edit_tensors=None, edit_meta=None):
