@@ -340,24 +340,3 @@ def test_trainer_with_accumulation(tiny_tables, tmp_path):
     assert torch.sparse_coo in layouts
     for a, b in zip(auto.model.state_dict().values(), dense.model.state_dict().values()):
         assert torch.equal(a, b)
-
-
-def test_a_trainer_that_clips_inline_keeps_dense_gradients(tiny_tables, tmp_path, monkeypatch):
-    # transformers versions without the `_clip_grad_norm` hook clip with torch over dense p.grad
-    import transformers
-
-    monkeypatch.delattr(transformers.Trainer, "_clip_grad_norm")
-    config = ID3Config(budget=150, low_memory=True)
-    with pytest.warns(UserWarning, match="clips inline"):
-        trainer = ID3Trainer(
-            model=tiny_bert(),
-            args=training_args(tmp_path),  # max_grad_norm=1.0
-            train_dataset=token_data(n=48),
-            callbacks=[ID3Callback(config)],
-        )
-    assert not trainer.engine.low_memory and not trainer.engine.sparse_grads
-    args = training_args(tmp_path, max_grad_norm=0.0)  # no clipping: both apply again
-    trainer = ID3Trainer(
-        model=tiny_bert(), args=args, train_dataset=token_data(n=48), callbacks=[ID3Callback(config)]
-    )
-    assert trainer.engine.low_memory and trainer.engine.sparse_grads
