@@ -152,22 +152,13 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **kwar
     Example:
         >>> model = load_causal_lm("smollm2")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM
+    from id3_callback.models import load_plain_model
 
     path, gguf = resolve_model(name_or_path)
-    if gguf is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype, **kwargs)
-    # A GGUF-loaded model refuses save_pretrained (checkpoints would fail): rebuild a plain one.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._name_or_path = name_or_path
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    del loaded
-    return plain
+    model = load_plain_model(path, "AutoModelForCausalLM", gguf_file=gguf, dtype=dtype, **kwargs)
+    if gguf:
+        model.config._name_or_path = name_or_path
+    return model
 
 
 def load_seq2seq_or_causal(name_or_path: str, **kwargs):
