@@ -21,9 +21,13 @@ __all__ = [
     "DeltaError",
     "ID3Callback",
     "ID3Config",
+    "ID3DPOTrainer",
     "ID3Engine",
+    "ID3GRPOTrainer",
+    "ID3SFTTrainer",
     "ID3Seq2SeqTrainer",
     "ID3Trainer",
+    "ID3TrainerMixin",
     "Schedule",
     "SparseAdamW",
     "apply_delta",
@@ -48,4 +52,12 @@ def __getattr__(name):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in (
+        "ID3SFTTrainer",
+        "ID3DPOTrainer",
+        "ID3GRPOTrainer",
+    ):  # ImportError naming `pip install trl` without TRL
+        from . import trl_trainers
+
+        return getattr(trl_trainers, name)
     raise AttributeError(f"module 'id3_callback' has no attribute {name!r}")
