@@ -14,6 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _restore_accelerate_env():
+    # transformers 4.x's TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ and reads it
+    # back as its default: after one bf16 test, every later Trainer (and each DDP worker) would run in bf16.
+    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 class MLP(nn.Module):
     """A small classifier that speaks the Trainer's dict-in, loss-out protocol."""
 
