@@ -29,9 +29,9 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
-def train_delta(path: Path, budget: int, seed: int = 0, steps: int = 3):
+def train_delta(path: Path, budget: int, seed: int = 0, steps: int = 3, model=None):
     """A tiny Llama trained with ID3 in a plain loop; returns (base state, trained model, delta path)."""
-    model = tiny_llama()
+    model = tiny_llama() if model is None else model
     base = {k: v.clone() for k, v in model.state_dict().items()}
     engine = ID3Engine(model, ID3Config(budget=budget))
     engine.start(total_steps=steps)
@@ -103,6 +103,78 @@ def test_merge_is_bitwise_the_fine_tuned_model_and_copies_the_tokenizer(trained,
     # the output folder is never overwritten
     code, _, err = run(capsys, "merge", base_dir, path, out)
     assert code == 1 and "exists" in err
+
+
+def write_tiny_gguf(path: Path) -> None:
+    """A float32 GGUF file of a 2-layer Llama (vocab 100) with a small llama-style tokenizer."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, layers, heads, kv_heads, vocab = 32, 48, 2, 2, 1, 100
+    head_dim = hidden // heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab)])
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def add(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden)
+    add("output.weight", vocab, hidden)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        for name, shape in (
+            ("attn_q", (hidden, hidden)),
+            ("attn_k", (kv_heads * head_dim, hidden)),
+            ("attn_v", (kv_heads * head_dim, hidden)),
+            ("attn_output", (hidden, hidden)),
+            ("ffn_gate", (ffn, hidden)),
+            ("ffn_up", (ffn, hidden)),
+            ("ffn_down", (hidden, ffn)),
+        ):
+            add(f"blk.{i}.{name}.weight", *shape)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_merge_materialises_a_gguf_base(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from id3_callback.models import load_plain_model
+
+    gguf_path = tmp_path / "gguf" / "tiny.gguf"
+    gguf_path.parent.mkdir()
+    write_tiny_gguf(gguf_path)
+    _, model, path = train_delta(
+        tmp_path / "g.delta.safetensors", budget=300, model=load_plain_model(gguf_path)
+    )
+    out = tmp_path / "merged"
+    code, _, err = run(capsys, "merge", gguf_path, path, out)
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    for (name, a), b in zip(model.state_dict().items(), merged.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (out / "tokenizer_config.json").is_file()  # the GGUF's tokenizer, saved beside the weights
 
 
 def test_merge_refuses_another_base_in_one_line_and_writes_nothing(trained, tmp_path, capsys):
