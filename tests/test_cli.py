@@ -114,6 +114,7 @@ def write_tiny_gguf(path: Path) -> None:
     hidden, ffn, layers, heads, kv_heads, vocab = 32, 48, 2, 2, 1, 100
     head_dim = hidden // heads
     w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")  # transformers 4.48 reads general.name
     w.add_context_length(64)
     w.add_embedding_length(hidden)
     w.add_block_count(layers)
