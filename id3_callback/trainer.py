@@ -137,9 +137,9 @@ class ID3TrainerMixin:
             return self.engine.grad_norm()
         return super()._get_grad_norm(model, grad_norm)
 
-    def _save_checkpoint(self, model, trial, *args, **kwargs):  # 4.46 adds metrics=
+    def _save_checkpoint(self, model, trial):
         check_consistency(self.engine, f"the checkpoint of step {self.state.global_step}")  # all ranks
-        super()._save_checkpoint(model, trial, *args, **kwargs)
+        super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -153,7 +153,7 @@ class ID3TrainerMixin:
             check_consistency(self.engine, f"resume from {checkpoint}")
 
     def log(self, logs, *args, **kwargs):
-        # transformers 4.46 takes log(logs); later versions add start_time.
+        # transformers 4.46 takes log(logs) only; 4.48 and later add start_time.
         if "loss" in logs and self.engine.steps_done:
             logs.update(self.engine.log_metrics())
         super().log(logs, *args, **kwargs)
