@@ -17,14 +17,13 @@ from .scores import d3_scores
 
 __version__ = "0.1.0"
 
+# ID3SFTTrainer, ID3DPOTrainer, ID3GRPOTrainer (needs trl) are attributes but not in __all__, so that
+# `from id3_callback import *` works without trl.
 __all__ = [
     "DeltaError",
     "ID3Callback",
     "ID3Config",
-    "ID3DPOTrainer",
     "ID3Engine",
-    "ID3GRPOTrainer",
-    "ID3SFTTrainer",
     "ID3Seq2SeqTrainer",
     "ID3Trainer",
     "ID3TrainerMixin",
@@ -53,10 +52,7 @@ def __getattr__(name):
 
         return getattr(trainer, name)
     if name in (
-        "ID3SFTTrainer",
-        "ID3DPOTrainer",
-        "ID3GRPOTrainer",
-    ):  # ImportError naming `pip install trl` without TRL
+                ):  # ImportError naming `pip install trl` without TRL
         from . import trl_trainers
 
         return getattr(trl_trainers, name)

@@ -19,6 +19,7 @@ import torch
 from conftest import MLP, mlp_data, training_args
 from id3_callback import ID3Callback, ID3Config, ID3Trainer, apply_delta, save_delta
 import id3_callback.cli
+from id3_callback import *  # noqa: F403 (every name in __all__ resolves without trl)
 records = []
 handler = logging.Handler()
 handler.emit = records.append
