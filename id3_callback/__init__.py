@@ -51,8 +51,7 @@ def __getattr__(name):
         from . import trainer
 
         return getattr(trainer, name)
-    if name in (
-                ):  # ImportError naming `pip install trl` without TRL
+    if name in ("ID3SFTTrainer", "ID3DPOTrainer", "ID3GRPOTrainer"):  # ImportError naming `pip install trl`
         from . import trl_trainers
 
         return getattr(trl_trainers, name)
