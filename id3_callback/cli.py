@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -153,12 +154,12 @@ def _format_inspect(info: dict) -> str:
     if not grid["columns"]:
         lines.append("  (no selected entries)")
         return "\n".join(lines)
-    width = max(8, *(len(c) for c in grid["columns"]))
+    cells = [["-" if v is None else f"{100 * v:.3g}%" for v in values] for values in grid["values"]]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(grid["columns"])]
     row_width = max(5, *(len(r) for r in grid["rows"]))
-    lines.append(" " * row_width + "  " + "  ".join(c.rjust(width) for c in grid["columns"]))
-    for row, values in zip(grid["rows"], grid["values"]):
-        cells = ["-" if v is None else f"{100 * v:.3g}%" for v in values]
-        lines.append(row.ljust(row_width) + "  " + "  ".join(c.rjust(width) for c in cells))
+    lines.append(" " * row_width + "  " + "  ".join(c.rjust(w) for c, w in zip(grid["columns"], widths)))
+    for row, values in zip(grid["rows"], cells):
+        lines.append(row.ljust(row_width) + "  " + "  ".join(c.rjust(w) for c, w in zip(values, widths)))
     return "\n".join(lines)
 
 
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # errors stay one line: no loading reports or progress bars
     hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import (via peft)
     try:
         args.run(args)
     except (DeltaError, OSError, ValueError, ImportError, RuntimeError, KeyError) as err:
