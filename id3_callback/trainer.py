@@ -52,6 +52,10 @@ class ID3TrainerMixin:
         self.id3.attach(
             self.model, seed=self.args.seed, settings=self.id3_settings(), optimizer=kind, optimizer_note=note
         )
+        self._clips_inline = trainer_clips_inline()
+        self._engine_clip_norm: torch.Tensor | None = None
+        if self.args.world_size > 1 and self.args.device.type == "cpu":
+            _allow_indexed_cpu_locations()
         # Mask heatmap PNG in output_dir, and W&B mask panels when report_to includes wandb.
         from .logging import attach_logging
 
@@ -62,8 +66,9 @@ class ID3TrainerMixin:
         return TrainingSettings(
             accumulation_steps=self.args.gradient_accumulation_steps,
             loss_scaling=bool(self.args.fp16),
-            # Trainers that predate the `_clip_grad_norm` hook clip inline with torch, which reads dense p.grad.
-            torch_clipping=self.args.max_grad_norm > 0 and not hasattr(Trainer, "_clip_grad_norm"),
+            # Trainers that predate the `_clip_grad_norm` hook clip inline; there the engine clips first and
+            # the inline call returns its norm (`_inline_clip`), so torch never reads p.grad on any version.
+            torch_clipping=False,
             # Clipping and the gradient norm below go through the engine: row-sparse embedding gradients are
             # on wherever they apply.
             grads_through_engine=True,
@@ -108,7 +113,25 @@ class ID3TrainerMixin:
                 self.engine.step(grad_scale=float(scaler.get_scale()), check_overflow=True)
             else:
                 self.engine.step()
+            if self._clips_inline:
+                self._inline_clip()
         return loss
+
+    def _inline_clip(self) -> None:
+        # Trainers without the `_clip_grad_norm` hook (transformers 4.x) clip inline, right after the last
+        # micro-batch's training_step, with `accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)`
+        # over dense p.grad (which misses row-sparse and low-memory gradients). The engine clips here
+        # instead, at the same point of the step and with the same max_grad_norm and formula, and the inline
+        # call then returns that norm without touching the gradients. Under fp16 the Trainer's own pass
+        # stays (it also unscales; neither row-sparse gradients nor the low-memory mode run with fp16).
+        max_norm = self.args.max_grad_norm
+        if max_norm is None or max_norm <= 0 or self._loss_scaled():
+            return
+        accelerator = self.accelerator  # re-created by hyperparameter search: hook the current one
+        if not getattr(accelerator.clip_grad_norm_, "_id3_hook", False):
+            accelerator.clip_grad_norm_ = partial(_clip_grad_norm_hook, self, accelerator.clip_grad_norm_)
+            accelerator.clip_grad_norm_._id3_hook = True
+        self._engine_clip_norm = self.engine.clip_grad_norm_(max_norm)
 
     def _loss_scaled(self) -> bool:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -197,10 +220,40 @@ class ID3TrainerMixin:
             check_consistency(self.engine, f"resume from {checkpoint}")
         super()._load_optimizer_and_scheduler(checkpoint)
 
-    def log(self, logs, start_time=None):
+    def log(self, logs, *args, **kwargs):
+        # transformers 4.46 takes log(logs) only; 4.48 and later add start_time.
         if "loss" in logs and self.engine.steps_done:
             logs.update(self.engine.log_metrics())
-        super().log(logs, start_time)
+        super().log(logs, *args, **kwargs)
+
+
+def trainer_clips_inline() -> bool:
+    """Whether this transformers' Trainer clips inline (4.x) rather than through `_clip_grad_norm` (5.x)."""
+    return not hasattr(Trainer, "_clip_grad_norm")
+
+
+def _clip_grad_norm_hook(trainer, original, parameters, max_norm, *args, **kwargs):
+    """`accelerator.clip_grad_norm_` while ID3 trains: the engine has clipped already; return its norm."""
+    norm, trainer._engine_clip_norm = trainer._engine_clip_norm, None
+    if norm is None:  # not a step the engine clipped (fp16, or a call from elsewhere): the real thing
+        return original(parameters, max_norm, *args, **kwargs)
+    return norm
+
+
+def _allow_indexed_cpu_locations() -> None:
+    # Under CPU DDP, transformers 4.57 loads the optimizer state with map_location=args.device, which is
+    # torch.device("cpu", rank); torch cannot restore a storage to "cpu:N" ("don't know how to restore data
+    # location ... tagged with cpu:0"). CPU memory has no index: restore such storages on the CPU.
+    global _INDEXED_CPU_REGISTERED
+    if _INDEXED_CPU_REGISTERED:
+        return
+    torch.serialization.register_package(
+        100, lambda obj: None, lambda obj, location: obj if location.startswith("cpu:") else None
+    )
+    _INDEXED_CPU_REGISTERED = True
+
+
+_INDEXED_CPU_REGISTERED = False
 
 
 def _optim_name(optim) -> str:
