@@ -35,7 +35,6 @@ APPLY = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="needs replaced-whole tensors from issue 15")
 def test_glue_delta_with_a_new_head_applies_in_a_fresh_process(tmp_path, bert_dir):  # noqa: F811
     texts = sentences(30, seed=1)
     rows = [

@@ -14,7 +14,7 @@ import torch
 from helpers import changed_entries, snapshot, tiny_bert, token_data, training_args
 from transformers import Trainer, TrainerCallback
 
-import id3_callback.engine as engine_mod
+import id3_callback.selection as sel
 import id3_callback.trainer as trainer_mod
 from id3_callback import ID3Callback, ID3Config, ID3Trainer
 
@@ -87,7 +87,7 @@ def run(cls, tmp_path, config: ID3Config, **args):
 def test_clipping_keeps_row_sparse_and_low_memory_gradients_and_matches_torch(
     tmp_path, monkeypatch, cls, low_memory
 ):
-    monkeypatch.setattr(engine_mod, "ROW_SPARSE_MIN_ENTRIES", 1)  # the tiny embedding takes the sparse path
+    monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)  # the tiny embedding takes the sparse path
     dense = ID3Config(budget=150, sparse_embedding_grads=False)
     ref, _, ref_layouts, ref_norms = run(TorchClipping, tmp_path, dense, max_grad_norm=0.05, logging_steps=1)
     config = ID3Config(budget=150, low_memory=low_memory)
