@@ -37,6 +37,7 @@ Example (the engine installs it at `start` when the plan says so):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -61,6 +62,10 @@ GROUPS = 16
 DENSE_FRACTION = 0.08
 # τ_guess = MARGIN x last step's cut: lower verifies more entries, higher risks an uncertified step.
 MARGIN = 0.9
+# Threads for the bounded bookkeeping (norms, bound blocks, sampled products): about a hundred small ops per
+# layer. With 2 threads each op waits on an OpenMP barrier, and on a loaded 2-core machine that wait is the cost
+# (measured at load 5: 0.4 s per MiniLM step with 1 thread against 2.3-4.5 s with 2). GEMMs of dX keep theirs.
+THREADS = 1
 # Below this threshold every entry is verified: the fp32 bound's products could underflow.
 TINY = 1e-20
 # The bound is computed this many entries (rows x in) at a time.
@@ -386,23 +391,22 @@ class BoundedGrads:
         if redo:
             bp.recomputed = True
         tau = cut if cut > TINY else 0.0
-        for (
-            kept
-        ) in redo:  # only entries with bound in [cut, kept.tau) are new; the top-k merges duplicates out
-            excluded = self.sorted_unmasked(kept.name)
-            verified, _ = bounded_weight_grad(
-                kept.a,
-                kept.b,
-                kept.weight,
-                excluded[:0],
-                excluded,
-                tau,
-                top,
-                bp.scorer,
-                self.offsets[kept.name],
-                previous_tau=kept.tau,
-            )
-            bp.verified += verified
+        with _threads(THREADS):
+            for kept in redo:  # only entries with bound in [cut, kept.tau) are new (`previous_tau`)
+                excluded = self.sorted_unmasked(kept.name)
+                verified, _ = bounded_weight_grad(
+                    kept.a,
+                    kept.b,
+                    kept.weight,
+                    excluded[:0],
+                    excluded,
+                    tau,
+                    top,
+                    bp.scorer,
+                    self.offsets[kept.name],
+                    previous_tau=kept.tau,
+                )
+                bp.verified += verified
 
     def grads_for(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """Gradient values of entries `local` of `name` selected this step (all among the pass's top-k)."""
@@ -440,6 +444,20 @@ class BoundedGrads:
         return out
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op threads set to `n` (if fewer than now) for the block, restored after."""
+    before = torch.get_num_threads()
+    if n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _BoundedLinear(torch.autograd.Function):
     """`F.linear` (or Conv1D's addmm) whose weight gradient goes to `BoundedGrads.on_backward`; dX and the
     bias gradient are autograd's products."""
@@ -467,7 +485,7 @@ class _BoundedLinear(torch.autograd.Function):
             grad_input = (g.mm(weight) if kind == "linear" else g.mm(weight.t())).view(input.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(tuple(range(grad_out.dim() - 1)))
-        with torch.no_grad():
+        with torch.no_grad(), _threads(THREADS):
             if kind == "linear":
                 bounded.on_backward(name, g, h, weight)
             else:
