@@ -149,7 +149,7 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("entries verified (%)")
-    ax.set_title("D3 bound: masked entries whose exact score was needed (x: uncertified, re-scored)")
+    ax.set_title("D3 bound: masked entries verified per step (x: uncertified, re-scored)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
