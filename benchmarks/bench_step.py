@@ -29,6 +29,7 @@ the placement drift that separates two model copies (see `full_copy`).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -84,30 +85,44 @@ class Variant:
         }
 
 
+_SMOLLM = []
+
+
+def make_model(args):
+    """A fresh copy of the benchmarked model (SmolLM2 is dequantized once, then copied)."""
+    if args.model == "minilm":
+        return benchutil.minilm_classifier(seed=0)
+    if not _SMOLLM:
+        _SMOLLM.append(benchutil.smollm()[0])
+    return copy.deepcopy(_SMOLLM[0])
+
+
 def build_variants(args, warm_batch: dict) -> list[Variant]:
     names = args.variants.split(",")
     variants = []
-    total = sum(p.numel() for p in benchutil.minilm_classifier().parameters())
+    total = sum(p.numel() for p in make_model(args).parameters())
     budget = max(1, round(args.budget * total))
     start_at = args.total_steps // 2
     std_engine = None
     for name in names:
-        model = benchutil.minilm_classifier(seed=0)
+        model = make_model(args)
         model.train()
         if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
             variants.append(Variant(name, model, opt))
-        elif name in ("id3", "id3_low_memory", "id3_dense_grads"):
+        elif name in ("id3", "id3_low_memory", "id3_dense_grads", "id3_bounded"):
             # Row-sparse embedding gradients as ID3Trainer sets them by default; `id3_dense_grads` without.
+            # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads).
             config = ID3Config(
                 budget=args.budget,
                 low_memory=name == "id3_low_memory",
                 sparse_embedding_grads=name != "id3_dense_grads",
+                weight_grads="bounded" if name == "id3_bounded" else "dense",
             )
             engine = ID3Engine(model, config)
             engine.start(args.total_steps)
             if std_engine is None:  # fast-forward to mid-schedule with a D3 selection on a warm-up batch
-                probe = benchutil.minilm_classifier(seed=0)
+                probe = make_model(args)
                 probe_engine = ID3Engine(probe, ID3Config(budget=args.budget))
                 probe_engine.start(args.total_steps)
                 probe(**warm_batch).loss.backward()
@@ -122,8 +137,13 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
         elif name == "lora":
             from peft import LoraConfig, get_peft_model
 
+            minilm = args.model == "minilm"
             config = LoraConfig(
-                r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"], task_type="SEQ_CLS"
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                target_modules=["query", "value"] if minilm else ["q_proj", "v_proj"],
+                task_type="SEQ_CLS" if minilm else "CAUSAL_LM",
             )
             model = get_peft_model(model, config)
             opt = torch.optim.AdamW(
@@ -185,10 +205,11 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    tokenizer = benchutil.minilm_tokenizer()
-    batches = benchutil.sst2_batches(
-        tokenizer, args.warmup + args.steps + args.breakdown_steps + 1, args.batch, args.seq
-    )  # the A/B phase reuses the first ones
+    count = args.warmup + args.steps + args.breakdown_steps + 1  # the A/B phase reuses the first ones
+    if args.model == "minilm":
+        batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), count, args.batch, args.seq)
+    else:
+        batches = benchutil.xsum_batches(benchutil.smollm()[1], count, args.batch, args.seq)
     variants = build_variants(args, batches[0])
     names = [v.name for v in variants]
     records: dict[str, list[dict]] = {n: [] for n in names}
@@ -277,8 +298,10 @@ def run(args) -> dict:
     out = {
         "benchmark": "step",
         "setting": {
-            "model": "all-MiniLM-L6-v2 (+2-way head)",
-            "data": "SST-2 train, first batches in file order",
+            "model": "all-MiniLM-L6-v2 (+2-way head)" if args.model == "minilm" else "SmolLM2-135M-Instruct",
+            "data": "SST-2 train, first batches in file order"
+            if args.model == "minilm"
+            else "XSum train articles, first in file order",
             "batch": args.batch,
             "seq": args.seq,
             "budget_fraction": args.budget,
@@ -402,6 +425,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--variants", default="full,id3,id3_low_memory,id3_dense_grads,lora,official,full_copy"
     )
+    parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)

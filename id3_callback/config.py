@@ -123,6 +123,17 @@ class ID3Config:
             "bitwise unchanged; any model. None: on in low-memory mode, off otherwise."
         },
     )
+    weight_grads: str = field(
+        default="dense",
+        metadata={
+            "help": "'dense': backward computes every selectable weight's gradient (autograd's own). 'bounded': "
+            "selectable nn.Linear / Conv1D weights get no dense gradient; backward bounds the D3 scores from "
+            "token-group norms, computes exact scores only where the bound reaches the cut and exact gradients "
+            "at unmasked entries (the same selection up to fp32 rounding ties; see id3_callback/bounded.py). "
+            "Needs method='id3', optimizer='sparse_adamw', gradient_accumulation_steps=1, no fp16 loss "
+            "scaling, no DDP, clipping through the engine and low_memory=False; otherwise dense, with a warning."
+        },
+    )
     consistency_check_steps: int = field(
         default=100,
         metadata={
@@ -170,6 +181,8 @@ class ID3Config:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r}).")
+        if self.weight_grads not in ("dense", "bounded"):
+            raise ValueError(f"weight_grads must be 'dense' or 'bounded' (got {self.weight_grads!r}).")
         if self.fisher_samples < 1:
             raise ValueError(f"fisher_samples must be >= 1 (got {self.fisher_samples}).")
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import state as state_io
+from .bounded import BoundedGrads
 from .config import ID3Config
 from .distributed import is_distributed
 from .io import atomic_write
@@ -105,6 +106,8 @@ class ID3Engine:
         self._sparse_hooks: RowSparseEmbeddings | None = None
         self._recompute: PointwiseRecompute | None = None
         self.low_memory_mode: LowMemoryMode | None = None
+        self.bounded: BoundedGrads | None = None
+        self._bounded_cut: float | None = None  # last step's cut, kept across remove_hooks / load
 
     # ------------------------------------------------------------------------------------------ the plan
     @property
@@ -156,7 +159,9 @@ class ID3Engine:
             batches = calibration_batches or self.plan.settings.calibration_batches
             ctx = StepContext(self.budget, self.budget, 0, self.scan, calibration_batches=batches)
             self._apply(self.method.on_start(ctx))
-        if self.plan.sparse_grads and is_distributed():  # the process group may not have existed before
+        if (
+            self.plan.sparse_grads or self.plan.bounded_layers
+        ) and is_distributed():  # no process group before?
             self.plan = with_process_group(self.plan, self.config, self.method)
         plan = self.plan
         if plan.sparse_grads and plan.row_sparse_tables and self._sparse_hooks is None:
@@ -171,6 +176,18 @@ class ID3Engine:
                 lambda: self.schedule.target(self.steps_done + 1) - len(self.unmasked),
                 plan.tied_tables if plan.sparse_grads else None,
             )
+        if plan.bounded_layers and self.bounded is None:
+            score_fn = self.method.score_fn()
+            self.bounded = BoundedGrads(
+                plan.bounded_layers,
+                self.unmasked,
+                plan.offsets,
+                self.scan.sorted_unmasked,
+                lambda: self.scan.scorer(score_fn, keep_grads=True),
+                lambda: self.schedule.target(self.steps_done + 1) - len(self.unmasked),
+            )
+            self.bounded.last_cut = self._bounded_cut
+            self.scan.bounded = self.bounded
 
     def remove_hooks(self) -> None:
         """Uninstall the low-memory gradient hooks and the row-sparse embedding hooks, so later backwards
@@ -185,6 +202,10 @@ class ID3Engine:
         if self._recompute is not None:
             self._recompute.remove()
             self._recompute = None
+        if self.bounded is not None:
+            self._bounded_cut = self.bounded.last_cut
+            self.bounded.remove()
+            self.bounded = self.scan.bounded = None
 
     @property
     def low_memory_active(self) -> bool:
@@ -228,6 +249,11 @@ class ID3Engine:
             lines.append(
                 f"  tied tables scored in blocks as backward computes them: {', '.join(self.streamed_tables)}"
             )
+        if self.bounded is not None:
+            lines.append(
+                f"  bounded weight gradients (no dense dW): {len(self.bounded.layers)} layers, "
+                f"{sum(m.weight.numel() for m, _ in self.bounded.layers.values()):,} entries"
+            )
         if self.recompute_active:
             lines.append(
                 "  pointwise recomputation: products and activations of kept tensors are redone in backward"
@@ -264,19 +290,23 @@ class ID3Engine:
                 )
             selection = self.low_memory_mode.finish(k)
         else:
+            if self.bounded is not None:
+                self._check_bounded_grads()
             ctx = StepContext(k, self.budget, before, self.scan, grad_scale, check_overflow)
             selection = self.method.on_step(ctx)
         grew = self.scan.finite or not check_overflow
+        counts = {n: self.unmasked.indices[n].numel() for n in self.bounded.layers} if self.bounded else {}
         if grew:
             self._apply(selection)
+        if self.bounded is not None:
+            self._stash_new_bounded(counts, selection, k)
         # Rows found on this very gradient object only (a method may have scored something else).
         params = self.unmasked.params
         rows = {n: r for n, (g, r) in self.scan.nonzero_rows.items() if params[n].grad is g}
         self.scan.nonzero_rows = {}  # it holds gradients: kept past this step, they would outlive zero_grad
         self.unmasked.mask_gradients(rows)
-        if (
-            self.low_memory_mode is not None
-        ):  # the sorted index copies the hooks need, made now, not in backward
+        if self.low_memory_mode is not None:
+            # The sorted index copies the hooks need, made now rather than inside the next backward.
             for name in self.unmasked.params:
                 self.scan.sorted_unmasked(name)
         new = len(self.unmasked) - before
@@ -294,6 +324,28 @@ class ID3Engine:
             "skipped": not grew,
         }
         return self.last_stats
+
+    def _check_bounded_grads(self) -> None:
+        bp = self.bounded.current
+        for name in self.bounded.layers:
+            if self.unmasked.params[name].grad is not None and bp is not None and name in bp.seen:
+                raise RuntimeError(
+                    f"weight_grads='bounded': {name} also received a dense gradient (the weight is used outside "
+                    "its module, or under autocast in part of the step). Set ID3Config(weight_grads='dense')."
+                )
+
+    def _stash_new_bounded(self, counts: dict[str, int], selection: Selection | None, k: int) -> None:
+        """The bounded layers' newly unmasked entries: their gradient values after the kept ones (the layers
+        have no `p.grad`); then close the step's pass with its cut (the next step's threshold guess)."""
+        for name, before in counts.items():
+            new = self.unmasked.indices[name][before:]
+            if new.numel():
+                grads = self.bounded.grads_for(name, new).to(self.unmasked.params[name].dtype)
+                kept = self.unmasked.grad_stash.get(name)
+                self.unmasked.grad_stash[name] = grads if kept is None else torch.cat([kept, grads])
+        scores = None if selection is None else selection.scores
+        cut = float(scores[k - 1]) if scores is not None and k > 0 and scores.numel() >= k else None
+        self.bounded.end_step(cut)
 
     def _warn_if_recompute_saw_no_forward(self) -> None:
         if self._recompute is not None and self._recompute.forwards == 0 and not self._recompute.warned:
@@ -410,6 +462,8 @@ class ID3Engine:
             "id3/updates_vs_static": self.updates_total / max(static_updates, 1),
         }
         self._log = {"selection_s": 0.0, "steps": 0, "new": 0}
+        if self.bounded is not None:
+            metrics.update(self.bounded.log_metrics())
         return metrics
 
     def budget_shortfall(self) -> str | None:
@@ -438,6 +492,8 @@ class ID3Engine:
             "skipped_steps": self.skipped_steps,
             "unmasked": self.unmasked.state_dict(),
             "method": self.method.state_dict(),
+            # weight_grads='bounded': last step's cut sets the next threshold, so a resumed run is bitwise
+            "bounded_cut": self.bounded.last_cut if self.bounded is not None else self._bounded_cut,
         }
 
     def load_state_dict(
@@ -460,6 +516,9 @@ class ID3Engine:
         self.skipped_steps = state["skipped_steps"]
         self.method.load_state_dict(state["method"])
         self.resumed_total_steps = state.get("fingerprint", {}).get("total_steps")
+        self._bounded_cut = state.get("bounded_cut")
+        if self.bounded is not None:
+            self.bounded.last_cut = self._bounded_cut
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write the state into `directory` atomically (temp file + rename) and fsynced; returns the file path."""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import selection
+from .bounded import bounded_layers
 from .config import ID3Config
 from .sparse_grads import row_sparse_candidates, tied_output_candidates
 
@@ -85,6 +86,9 @@ class Plan:
     tied_tables: Mapping[str, tuple]  # streamed in blocks when `sparse_grads` and `low_memory`
     recompute: bool
     row_sparse_scoring: frozenset[str]  # embedding weights whose gradient rows are checked for zeros
+    # weight_grads='bounded': weight name -> (module, kind) whose dense gradient backward never builds
+    bounded_layers: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
+    bounded_blockers: tuple[str, ...] = ()
 
     def reasons(self) -> list[str]:
         """Summary lines for modes the config asked for that the plan turned off."""
@@ -93,6 +97,8 @@ class Plan:
             lines.append(f"  low-memory mode off: {'; '.join(self.low_memory_blockers)}")
         if self.sparse_grad_blockers:
             lines.append(f"  row-sparse embedding gradients off: {'; '.join(self.sparse_grad_blockers)}")
+        if self.bounded_blockers:
+            lines.append(f"  bounded weight gradients off: {'; '.join(self.bounded_blockers)}")
         return lines
 
 
@@ -211,6 +217,37 @@ def sparse_grad_blockers(
     return reasons
 
 
+def bounded_blockers(
+    config: ID3Config,
+    method: SelectionMethod,
+    settings: TrainingSettings,
+    distributed: bool,
+    low_memory: bool,
+) -> list[str]:
+    """Why bounded weight gradients cannot run under these settings (empty list: they can)."""
+    reasons = []
+    if config.method != "id3":
+        reasons.append(f"method={config.method!r} (it scores by the D3 bound: 'id3' only)")
+    if config.optimizer != "sparse_adamw":
+        reasons.append(NOT_SPARSE_ADAMW)
+    if settings.accumulation_steps > 1:
+        reasons.append(
+            f"gradient_accumulation_steps={settings.accumulation_steps} (this version bounds one backward's "
+            "gradient; bounds over micro-batches add, a later version can follow)"
+        )
+    if settings.loss_scaling:
+        reasons.append("fp16 loss scaling (the scaler unscales p.grad, which this path never builds)")
+    if settings.torch_clipping:
+        reasons.append(TORCH_CLIPPING)
+    if distributed:
+        reasons.append(
+            "DDP (its all-reduce expects dense gradients; ranks could all-reduce candidates later)"
+        )
+    if low_memory:
+        reasons.append("low_memory=True (not combined yet)")
+    return reasons
+
+
 def resolve_plan(
     model: nn.Module,
     config: ID3Config,
@@ -250,6 +287,25 @@ def resolve_plan(
     wanted = (settings.grads_through_engine or low_memory) if wanted is None else wanted
     sparse_grads, sg_blockers = _sparse_grads(config, method, settings, distributed, bool(wanted))
 
+    bounded, b_blockers = {}, ()
+    if config.weight_grads == "bounded":
+        b_blockers = tuple(bounded_blockers(config, method, settings, distributed, low_memory))
+        if not b_blockers:
+            bounded, skipped = bounded_layers(model, selectable)
+            if not bounded:
+                b_blockers = (
+                    "no selectable float32 nn.Linear / Conv1D weight of at least "
+                    f"{selection.BOUNDED_MIN_ENTRIES:,} entries"
+                    + (f" ({'; '.join(skipped)})" if skipped else ""),
+                )
+        if b_blockers:
+            bounded = {}
+            warnings.warn(
+                f"ID3Config(weight_grads='bounded') cannot apply with {'; '.join(b_blockers)}: selectable "
+                "weights get dense gradients (the same selection, a slower backward).",
+                stacklevel=3,
+            )
+
     recompute = config.recompute_pointwise
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return Plan(
@@ -277,6 +333,8 @@ def resolve_plan(
             for n, p in selectable.items()
             if id(p) in embeddings and p.numel() >= selection.ROW_SPARSE_MIN_ENTRIES
         ),
+        bounded_layers=MappingProxyType(bounded),
+        bounded_blockers=b_blockers,
     )
 
 
@@ -300,6 +358,15 @@ def with_process_group(plan: Plan, config: ID3Config, method: SelectionMethod) -
     if plan.distributed:
         return plan
     sparse_grads, blockers = _sparse_grads(config, method, plan.settings, True, plan.sparse_grads)
+    bounded = {}
+    if plan.bounded_layers:
+        bounded = {
+            "bounded_layers": MappingProxyType({}),
+            "bounded_blockers": ("DDP (process group found at start)",),
+        }
+        warnings.warn(
+            "ID3Config(weight_grads='bounded') cannot apply under DDP: dense gradients.", stacklevel=3
+        )
     return dataclasses.replace(
-        plan, distributed=True, sparse_grads=sparse_grads, sparse_grad_blockers=blockers
+        plan, distributed=True, sparse_grads=sparse_grads, sparse_grad_blockers=blockers, **bounded
     )

@@ -73,6 +73,8 @@ class Scan:
         self.row_sparse = set(row_sparse)
         # Row-sparse gradients scored this step: name -> (the gradient, its rows holding any nonzero bit).
         self.nonzero_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # weight_grads='bounded': the layers whose masked entries backward scored already (`bounded.py`).
+        self.bounded = None  # a bounded.BoundedGrads, set by the engine's start()
 
     def begin_step(self) -> None:
         self.finite = True
@@ -103,7 +105,19 @@ class Scan:
         skipped. Returns False if a non-finite score was seen (fp16 overflow). The result equals scoring
         everything, concatenating and taking the top-k; see `TensorScorer` for the shortcuts.
         """
-        scorer = self.scorer(score_fn, grad_scale)
+        final = top
+        if (
+            self.bounded is not None
+        ):  # into the pass's top-k, which holds the bounded layers' verified entries
+            bp = self.bounded.current_pass()
+            if bp.k != top.k:
+                raise RuntimeError(
+                    f"weight_grads='bounded': backward scored for k={bp.k}, step() asks for {top.k} (the set "
+                    "changed between backward and step?)."
+                )
+            top, scorer = bp.top, bp.scorer
+        else:
+            scorer = self.scorer(score_fn, grad_scale)
         pending: list[tuple[str, int, torch.Tensor]] = []
         small, big = [], []
         for name, p in self.unmasked.params.items():
@@ -118,7 +132,14 @@ class Scan:
         big.sort(key=lambda item: (-self._peaks.get(item[0], -math.inf), self.offsets[item[0]]))
         for name, grad in big:
             self.push_tensor(top, scorer, name, grad, pending)
+        if final is not top:
+            self.bounded.certify(top)  # every tensor is in: re-score what the final cut did not certify
         self.push_skipped_rows(top, scorer, pending)
+        if final is not top:
+            values, index = top.result()
+            final.push_candidates(values, index)
+            self.keep_buffer(scorer)
+            return scorer.finite
         top.offset = self.total
         self.keep_buffer(scorer)
         return scorer.finite

@@ -36,6 +36,8 @@ FEW = 0.25
 SMALL_TENSOR = 1 << 14
 # Embedding weights at least this large get the row-sparse D3 path (smaller ones are cheap to score whole).
 ROW_SPARSE_MIN_ENTRIES = 1 << 16
+# Linear weights at least this large get bounded weight gradients (ID3Config.weight_grads='bounded').
+BOUNDED_MIN_ENTRIES = 1 << 16
 # Every size above is read as `selection.NAME` at the time of use, so patching it here reaches every user.
 
 

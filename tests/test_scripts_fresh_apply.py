@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from test_scripts import COMMON, bert_dir, run_glue, sentences, write_jsonl  # noqa: F401 (bert_dir: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,522 @@
+"""Bounded weight gradients (`ID3Config(weight_grads="bounded")`): ID3 without a dense dW for Linear layers.
+
+For a Linear layer with input h (T tokens x in) and output gradient g (T x out), dW = gᵀh costs O(in·out·T),
+a third of the layer's FLOPs. ID3 needs only two things from it: the D3 scores of masked entries, to find the
+k best, and the exact gradient at the unmasked entries U, for the optimizer. Here backward computes dX as
+usual and, instead of dW:
+
+- the bound. Over G contiguous token groups, |dW_ij| <= Σ_g ‖g_g,i‖·‖h_g,j‖ (Cauchy–Schwarz per group), so
+  bound_ij / (|θ_ij| + ε)^exp bounds the D3 score. O((in + out)·T) for the norms, O(in·out·G) for the bound,
+  computed one row block at a time into a reused buffer;
+- exact scores for the masked entries whose bound reaches a threshold τ: gathered dot products over T
+  (`torch.sparse.sampled_addmm`, one call per layer), or one GEMM for a row block where more than
+  `DENSE_FRACTION` of its entries survive (the cost model: measured, a sampled dot product costs ~7-15x a
+  GEMM's entry on CPU);
+- exact gradients at U (O(|U|·T)), kept as `UnmaskedSet.grad_stash` (what `SparseAdamW`, the gradient norm
+  and clipping read when `p.grad` is None). The weight's `p.grad` is never allocated.
+
+**Exactness is certified.** Verified entries go into one running top-k per backward (`_Pass.top`). Its k-th
+value c_run only grows as entries arrive, and the step's final cut c (after every other tensor is scored too)
+is at least c_run. A layer is scored with τ = max(τ_guess, c_run), τ_guess a margin below last step's cut. An
+entry left unverified has score <= bound·slack < τ (`slack` covers float rounding of either evaluation: any
+order of summing T products stays within (1 + γ_T) of Σ|g·h|). So a layer is exact once c >= τ, strictly
+above every unverified entry (no tie is possible). A layer scored with τ_guess > c_run keeps its (g, h) until
+c_run reaches τ_guess; if the step ends below it (`certify`), those layers are scored again with τ = c, and
+the step counts as uncertified. Ties follow the package's rule (lower global index), as everywhere.
+
+What "exact" means here: the selection is the exact top-k of the scores this path computes, each an fp32
+evaluation of Σ_t g_ti·h_tj. A gathered dot product sums in another order than the GEMM, so a score can differ
+from the dense path's in the last bits (relative 1e-6 typically), and the chosen set can differ from the dense
+path's only where two scores tie within that rounding. Given the same state (including last step's cut, saved
+in the engine state) the path is deterministic, so resumed runs are bitwise the uninterrupted ones.
+
+Example (the engine installs it at `start` when the plan says so):
+    >>> engine = ID3Engine(model, ID3Config(budget=1000, weight_grads="bounded"))  # doctest: +SKIP
+    >>> engine.start(100); loss.backward(); engine.step()                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from . import selection
+from .masks import UnmaskedSet
+from .scores import d3_scores
+from .selection import INELIGIBLE, StreamingTopK, TensorScorer, at_least
+
+# Token groups of the bound. More groups tighten it (MiniLM, u = 613: 0.21% of entries reach the cut with 1
+# group, 0.16% with 16) for O(in·out·G) more work, 1.6% of a GEMM's at T = 1024.
+GROUPS = 16
+# A row block whose surviving entries exceed this fraction is computed by one GEMM (measured on 2 cores, T = 1024:
+# sampled_addmm ~300-600 ns per entry against ~40 ns for a GEMM's entry).
+DENSE_FRACTION = 0.08
+# τ_guess = MARGIN x last step's cut: lower verifies more entries, higher risks an uncertified step.
+MARGIN = 0.9
+# Threads for the bounded bookkeeping (norms, bound blocks, sampled products): about a hundred small ops per
+# layer. With 2 threads each op waits on an OpenMP barrier, and on a loaded 2-core machine that wait is the cost
+# (measured at load 5: 0.4 s per MiniLM step with 1 thread against 2.3-4.5 s with 2). GEMMs of dX keep theirs.
+THREADS = 1
+# Below this threshold every entry is verified: the fp32 bound's products could underflow.
+TINY = 1e-20
+# The bound is computed this many entries (rows x in) at a time.
+BLOCK_ENTRIES = 1 << 20
+
+
+def slack(tokens: int) -> float:
+    """Factor by which a computed bound is raised so that it bounds any fp32 evaluation of the score."""
+    return 1.0 + 4.0 * tokens * 2.0**-24 + 1e-5
+
+
+def group_norms(a: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G x n) norms of the columns of `a` (T x n) over G contiguous token groups, each >= the exact norm.
+
+    Squares in fp32 (one GEMM with a 0/1 group matrix sums them): a square below 2^-126 may lose its value,
+    so T·2^-126 is added to every sum; the factor covers the sum's and the root's rounding."""
+    t = a.shape[0]
+    sums = _group_matrix(t, max(1, min(groups, t)), a.dtype, a.device).mm(a.square())
+    return sums.add_(t * 2.0**-126).sqrt_().mul_(1 + 2 * t * 2.0**-24)
+
+
+@functools.lru_cache(maxsize=8)
+def _group_matrix(tokens: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(groups x tokens) 0/1 matrix: row g marks the tokens of group g (contiguous, sizes differing by <= 1)."""
+    member = torch.arange(tokens, device=device) * groups // tokens
+    return (member[None, :] == torch.arange(groups, device=device)[:, None]).to(dtype)
+
+
+def gathered_products(a_t: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(aᵀb).view(-1)[flat] for flat indices in any order (see `sampled_products`)."""
+    cols = b.shape[1]
+    order = torch.argsort(flat)
+    ordered = flat[order]
+    out = torch.empty(flat.numel(), dtype=a_t.dtype, device=a_t.device)
+    out[order] = sampled_products(a_t, b, ordered // cols, ordered % cols)
+    return out
+
+
+def sampled_products(
+    a_t: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """(aᵀb)[rows, cols] for (row, col) pairs sorted row-major, without computing aᵀb: one dot product over T
+    per pair. `a_t` is aᵀ contiguous (rows x T), `b` is (T x cols). Each value depends only on its own pair."""
+    n = rows.numel()
+    if n == 0:
+        return a_t.new_empty(0)
+    height = a_t.shape[0]
+    crow = torch.zeros(height + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=height).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(
+            crow, cols, a_t.new_zeros(n), (height, b.shape[1]), check_invariants=False
+        )
+        return torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
+
+
+def bounded_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor,
+    unmasked: torch.Tensor,
+    excluded: torch.Tensor,
+    tau: float,
+    top: StreamingTopK,
+    scorer: TensorScorer,
+    offset: int,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+    previous_tau: float | None = None,
+) -> tuple[int, torch.Tensor]:
+    """The layer kernel, for dW = aᵀb (`weight`: rows x cols, starting at global index `offset`): push into
+    `top` every masked entry whose D3 bound reaches `tau`, with its exact score and gradient (the payload),
+    and return (masked entries verified, the gradient at `unmasked`, flat indices in their order).
+
+    `excluded` is `unmasked` sorted; `scorer` is a D3 `TensorScorer` with `keep_grads` (it scores the row
+    blocks computed by GEMM). `tau` <= TINY verifies every entry. No aᵀb-sized tensor is allocated.
+    `previous_tau`: this layer was scored with it before (same a, b, weight and set): push only the entries
+    that the lower `tau` adds, so none enters `top` twice.
+
+    Example:
+        >>> a, b, w = torch.randn(8, 3), torch.randn(8, 4), torch.randn(3, 4)
+        >>> top, scorer = StreamingTopK(2), TensorScorer(d3_scores, keep_grads=True)
+        >>> n, kept = bounded_weight_grad(a, b, w, torch.tensor([0]), torch.tensor([0]), 0.0, top, scorer, 0)
+        >>> n, torch.allclose(kept, (a.t() @ b).view(-1)[:1], atol=1e-6)
+        (11, True)
+    """
+    eps, exp = scorer.d3
+    rows, cols = weight.shape
+    w = weight.detach()
+    a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
+    b_cols = b
+    kept = gathered_products(a_t, b_cols, unmasked)
+    if tau <= TINY and previous_tau is None:
+        return _dense_rows(a, b, w, 0, rows, excluded, top, scorer, offset), kept
+    an, bn = (group_norms(a, GROUPS), group_norms(b, GROUPS)) if norms is None else norms
+    cut = tau / slack(a.shape[0]) if tau > TINY else 0.0
+    prev_cut = None if previous_tau is None else previous_tau / slack(a.shape[0])
+    block_rows = max(1, BLOCK_ENTRIES // cols)
+    found, verified = [], 0
+    bound = torch.empty(min(block_rows, rows) * cols, device=w.device)
+    scratch = torch.empty_like(bound)
+    for r0 in range(0, rows, block_rows):
+        r1 = min(r0 + block_rows, rows)
+        n = (r1 - r0) * cols
+        hits = _block_hits(an, bn, w, r0, r1, cut, eps, exp, bound, scratch)
+        done = excluded
+        if prev_cut is not None:
+            old = _block_hits(an, bn, w, r0, r1, prev_cut, eps, exp, bound, scratch)
+            if old.numel() > DENSE_FRACTION * n:
+                continue  # scored whole by GEMM the first time
+            done = torch.unique(torch.cat([excluded, old + r0 * cols]))  # sorted
+            hits = hits[~torch.isin(hits, old, assume_unique=True)]
+        if hits.numel() > DENSE_FRACTION * n:  # the bound prunes poorly here: one GEMM is cheaper
+            verified += _dense_rows(a, b, w, r0, r1, done, top, scorer, offset)
+        elif hits.numel():
+            found.append(hits + r0 * cols)
+    cand = torch.cat(found) if found else excluded.new_empty(0)
+    if cand.numel() and excluded.numel():  # already unmasked: not candidates
+        pos = torch.searchsorted(excluded, cand).clamp_(max=excluded.numel() - 1)
+        cand = cand[excluded[pos] != cand]
+    if cand.numel():
+        grads = sampled_products(a_t, b_cols, cand // cols, cand % cols)
+        scores = d3_scores(grads, w.reshape(-1)[cand], eps, exp)
+        top.push_candidates(scores, cand + offset, grads)  # NaN scores (NaN weights) are dropped there
+    return verified + cand.numel(), kept
+
+
+def _block_hits(
+    an: torch.Tensor,
+    bn: torch.Tensor,
+    w: torch.Tensor,
+    r0: int,
+    r1: int,
+    cut: float,
+    eps: float,
+    exp: float,
+    bound: torch.Tensor,
+    scratch: torch.Tensor,
+) -> torch.Tensor:
+    """Sorted block-local positions of rows [r0, r1) whose bound / (|θ| + ε)^exp may reach `cut` (a superset:
+    the cut is lowered by 1e-5, which covers the roundings of the comparison below).
+
+    The bound of a row block is one small GEMM (rows x G)(G x cols). No division for the usual exponents:
+    exp = 0 compares the bound itself; exp = 1 compares bound - cut·|θ| with cut·ε (3 passes over the block,
+    the weight read once)."""
+    cols = w.shape[1]
+    n = (r1 - r0) * cols
+    if cut <= 0.0:
+        return torch.arange(n, device=w.device)
+    block = torch.mm(an[:, r0:r1].t(), bn, out=bound[:n].view(r1 - r0, cols)).view(-1)
+    low = cut * (1 - 1e-5)
+    if exp == 0:
+        values, level = block, low
+    elif exp == 1:
+        values, level = block.sub_(torch.abs(w[r0:r1].reshape(-1), out=scratch[:n]), alpha=low), low * eps
+    else:
+        values, level = d3_scores(block, w[r0:r1].reshape(-1), eps, exp, out=scratch[:n]), low
+    hits = at_least(values, level) if n >= 4 * selection.BLOCK else None
+    return (values >= level).nonzero().view(-1) if hits is None else hits
+
+
+def _dense_rows(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    r0: int,
+    r1: int,
+    excluded: torch.Tensor,
+    top: StreamingTopK,
+    scorer: TensorScorer,
+    offset: int,
+) -> int:
+    """Rows [r0, r1) of dW = aᵀb by one GEMM, scored into `top` like any dense gradient (zeros included, so
+    nothing is owed when fewer than k scores are positive). Returns the masked entries verified."""
+    cols = w.shape[1]
+    lo, hi = torch.searchsorted(
+        excluded, torch.tensor([r0 * cols, r1 * cols], device=excluded.device)
+    ).tolist()
+    step = max(1, selection.SCORE_CHUNK // cols)
+    for s0 in range(r0, r1, step):  # a GEMM row block at a time: O(chunk) memory for any layer
+        s1 = min(s0 + step, r1)
+        e0, e1 = torch.searchsorted(
+            excluded, torch.tensor([s0 * cols, s1 * cols], device=excluded.device)
+        ).tolist()
+        block = a[:, s0:s1].t().mm(b)
+        scorer.push_flat(top, block, w[s0:s1], offset + s0 * cols, excluded[e0:e1] - s0 * cols)
+    return (r1 - r0) * cols - (hi - lo)
+
+
+# ------------------------------------------------------------------------------------------ the backward pass
+@dataclass
+class _Kept:
+    """A layer scored with τ above the running cut: what is needed to score it again."""
+
+    name: str
+    tau: float
+    a: torch.Tensor
+    b: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass
+class _Pass:
+    """One step's bounded scoring: the running top-k of verified entries (payload: their gradient). The
+    scan pushes the other tensors into the same top-k at `step()`."""
+
+    k: int
+    tau_guess: float
+    top: StreamingTopK
+    scorer: TensorScorer
+    seen: set = field(default_factory=set)
+    kept: list = field(default_factory=list)
+    verified: int = 0
+    masked: int = 0
+    recomputed: bool = False
+
+
+class BoundedGrads:
+    """The replaced forward of the bounded layers and the scoring state of the current step.
+
+    `layers`: parameter name -> (module, kind), kind "linear" (W: out x in, dW = gᵀh) or "conv1d"
+    (transformers' Conv1D, W: in x out, dW = hᵀg). `entries_wanted()` gives the step's k.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, tuple[nn.Module, str]],
+        unmasked: UnmaskedSet,
+        offsets: Mapping[str, int],
+        sorted_unmasked: Callable[[str], torch.Tensor],
+        make_scorer: Callable[[], TensorScorer],
+        entries_wanted: Callable[[], int],
+    ) -> None:
+        self.layers = dict(layers)
+        self.unmasked, self.offsets, self.sorted_unmasked = unmasked, offsets, sorted_unmasked
+        self.make_scorer = make_scorer  # a D3 TensorScorer with keep_grads (the scan's, with its buffer)
+        self.entries_wanted = entries_wanted
+        self.last_cut: float | None = None  # the previous step's k-th score; τ_guess = MARGIN x it
+        self.current: _Pass | None = None
+        self.uncertified_steps = 0
+        self.steps = 0
+        self.survivors = 0.0  # sum over steps of the fraction of masked entries verified
+        self.last_step: dict = {}  # the last scoring step's k, survivor fraction and certification
+        self._log = {"steps": 0, "survivors": 0.0}
+        self._saved_forward = []
+        for name, (module, kind) in self.layers.items():
+            self._saved_forward.append((module, module.__dict__.get("forward")))
+            module.forward = self._forward(name, module, kind, module.forward)
+
+    def remove(self) -> None:
+        for module, previous in self._saved_forward:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._saved_forward, self.current = [], None
+
+    def _forward(self, name: str, module: nn.Module, kind: str, forward: Callable) -> Callable:
+        # The module's own forward is replaced, not hooked: a hook would run after the product is computed.
+        def bounded_forward(input: torch.Tensor) -> torch.Tensor:
+            weight = module.weight
+            if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(
+                input.device.type
+            ):
+                return forward(input)  # autograd's own dense gradient; the scan scores p.grad as usual
+            return _BoundedLinear.apply(input, weight, module.bias, (self, name, kind))
+
+        return bounded_forward
+
+    # ------------------------------------------------------------------------------------------ in backward
+    def current_pass(self) -> _Pass:
+        """The scoring of the step in progress (begun by its first bounded backward, or by `step()`)."""
+        if self.current is None:
+            k = self.entries_wanted()
+            tau = 0.0 if self.last_cut is None else MARGIN * self.last_cut
+            scorer = self.make_scorer()
+            self.current = _Pass(k, tau, StreamingTopK(max(k, 0)), scorer)
+            for name in self.layers:
+                self.unmasked.grad_stash.pop(name, None)
+        return self.current
+
+    def on_backward(self, name: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> None:
+        """A bounded layer's weight gradient aᵀb: score it into the pass, stash its unmasked entries' values."""
+        bp = self.current_pass()
+        if name in bp.seen:
+            raise RuntimeError(
+                f"weight_grads='bounded': {name} received a second backward before engine.step() (the layer runs "
+                "twice per step, or gradients accumulate). Set ID3Config(weight_grads='dense') for this model."
+            )
+        bp.seen.add(name)
+        idx, excluded = self.unmasked.indices[name], self.sorted_unmasked(name)
+        if bp.k <= 0:  # nothing to select: only the unmasked entries' gradient
+            kept = gathered_products(a.t().contiguous(), b, idx)
+            self.unmasked.grad_stash[name] = kept.to(weight.dtype)
+            return
+        running = bp.top.values[-1].item() if bp.top.full else INELIGIBLE  # stale-low until merged: safe
+        tau = max(bp.tau_guess, running)
+        norms = (group_norms(a, GROUPS), group_norms(b, GROUPS))
+        if not math.isfinite(norms[0].sum().item() + norms[1].sum().item()):
+            tau = 0.0  # non-finite gradients: every entry scored (they turn ineligible, as on the dense path)
+        verified, kept = bounded_weight_grad(
+            a, b, weight, idx, excluded, tau, bp.top, bp.scorer, self.offsets[name], norms
+        )
+        self.unmasked.grad_stash[name] = kept.to(weight.dtype)
+        bp.verified += verified
+        bp.masked += weight.numel() - excluded.numel()
+        if tau > TINY and tau > running:  # unconfirmed: keep what re-scoring needs until the cut reaches tau
+            bp.kept.append(_Kept(name, tau, a, b, weight))
+        if bp.kept and bp.top.full:
+            reached = bp.top.values[-1].item()
+            bp.kept = [kept for kept in bp.kept if kept.tau > reached]
+
+    # ------------------------------------------------------------------------------------------ at step()
+    def certify(self, top: StreamingTopK) -> None:
+        """With every tensor scored into `top` (the pass's): score again, with τ = the final cut, each kept
+        layer whose τ that cut did not reach. Afterwards every unverified entry scores below the cut."""
+        bp = self.current
+        if bp is None or not bp.kept:
+            return
+        cut = top.threshold()
+        redo = [kept for kept in bp.kept if kept.tau > cut]
+        bp.kept = []
+        if redo:
+            bp.recomputed = True
+        tau = cut if cut > TINY else 0.0
+        with _threads(THREADS):
+            for kept in redo:  # only entries with bound in [cut, kept.tau) are new (`previous_tau`)
+                excluded = self.sorted_unmasked(kept.name)
+                verified, _ = bounded_weight_grad(
+                    kept.a,
+                    kept.b,
+                    kept.weight,
+                    excluded[:0],
+                    excluded,
+                    tau,
+                    top,
+                    bp.scorer,
+                    self.offsets[kept.name],
+                    previous_tau=kept.tau,
+                )
+                bp.verified += verified
+
+    def grads_for(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """Gradient values of entries `local` of `name` selected this step (all among the pass's top-k)."""
+        values, index = self.current.top.result()
+        payload = self.current.top.result_payload()
+        want = local + self.offsets[name]
+        order = torch.argsort(index)
+        pos = torch.searchsorted(index[order], want).clamp_(max=max(index.numel() - 1, 0))
+        if index.numel() == 0 or not bool((index[order][pos] == want).all()):
+            raise RuntimeError(f"weight_grads='bounded': a selected entry of {name} was never verified")
+        return payload[order][pos]
+
+    def end_step(self, cut: float | None) -> None:
+        """Close the step: remember its cut (the next τ_guess), count certification and survivors."""
+        bp, self.current = self.current, None
+        if bp is None:
+            return
+        if cut is not None and math.isfinite(cut):
+            self.last_cut = cut
+        if bp.k > 0 and bp.seen:
+            self.steps += 1
+            self.uncertified_steps += int(bp.recomputed)
+            fraction = bp.verified / max(bp.masked, 1)
+            self.last_step = {"k": bp.k, "survivors": fraction, "uncertified": bp.recomputed}
+            self.survivors += fraction
+            self._log["steps"] += 1
+            self._log["survivors"] += fraction
+
+    def log_metrics(self) -> dict[str, float]:
+        steps = self._log["steps"]
+        out = {"id3/uncertified_steps": self.uncertified_steps}
+        if steps:
+            out["id3/bound_survivors"] = self._log["survivors"] / steps
+        self._log = {"steps": 0, "survivors": 0.0}
+        return out
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op threads set to `n` (if fewer than now) for the block, restored after."""
+    before = torch.get_num_threads()
+    if n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _BoundedLinear(torch.autograd.Function):
+    """`F.linear` (or Conv1D's addmm) whose weight gradient goes to `BoundedGrads.on_backward`; dX and the
+    bias gradient are autograd's products."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, owner: tuple):
+        ctx.save_for_backward(input, weight)
+        ctx.owner = owner
+        if owner[2] == "linear":
+            return F.linear(input, weight, bias)
+        shape = input.shape[:-1] + (weight.shape[1],)
+        flat = input.reshape(-1, input.shape[-1])
+        out = flat.mm(weight) if bias is None else torch.addmm(bias, flat, weight)
+        return out.view(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        input, weight = ctx.saved_tensors
+        bounded, name, kind = ctx.owner
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        h = input.reshape(-1, input.shape[-1])
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (g.mm(weight) if kind == "linear" else g.mm(weight.t())).view(input.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(tuple(range(grad_out.dim() - 1)))
+        with torch.no_grad(), _threads(THREADS):
+            if kind == "linear":
+                bounded.on_backward(name, g, h, weight)
+            else:
+                bounded.on_backward(name, h, g, weight)
+        return grad_input, None, grad_bias, None
+
+
+def bounded_layers(model: nn.Module, selectable: Mapping[str, nn.Parameter]) -> tuple[dict, list[str]]:
+    """({weight name: (module, kind)} for the selectable weights the bounded path can take over, reasons for
+    the large selectable Linear-like weights it cannot)."""
+    names = {id(p): n for n, p in selectable.items()}
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders[id(p)] = holders.get(id(p), 0) + 1
+    layers, skipped = {}, []
+    for module in model.modules():
+        kind = "linear" if type(module) is nn.Linear else None
+        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            kind = "conv1d"
+        weight = getattr(module, "weight", None)
+        if kind is None or weight is None or id(weight) not in names:
+            continue
+        name = names[id(weight)]
+        if weight.numel() < selection.BOUNDED_MIN_ENTRIES:
+            continue
+        if holders[id(weight)] > 1:
+            skipped.append(f"{name} is shared with another module (tied)")
+        elif weight.dtype != torch.float32:
+            skipped.append(f"{name} is {weight.dtype} (float32 only)")
+        else:
+            layers[name] = (module, kind)
+    return layers, skipped
