@@ -30,6 +30,14 @@ SCORE_CHUNK = 1 << 20
 # (590K entries: ge 280 us, nonzero 480 us, against 40 us for a max over rows), so entries are grouped in
 # blocks of this many, one row-wise max finds the blocks that reach the threshold, and only those are compared.
 BLOCK = 128
+# The batched selection (`batched_topk`) bounds gradients per block of this many entries (512: fewer, wider
+# bounds, but 2x the entries scored on MiniLM; 128 measured faster).
+BOUND_BLOCK = 128
+# Where the D3 selection runs batched (`batched_topk`: three host reads per step, however many tensors and
+# chunks) instead of streaming chunk by chunk (a host read or more per chunk): "auto" = on every device but
+# the CPU, where host reads cost nothing and streaming measured ~1.5x faster (MiniLM, 1 thread); "always";
+# "never".
+BATCHED_SELECTION = "auto"
 # Past this fraction of entries in reaching blocks, gathering them costs more than working on the whole chunk.
 FEW = 0.25
 # Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
@@ -227,6 +235,15 @@ class StreamingTopK:
             return
         keep = values > INELIGIBLE
         self._merge(values[keep], index[keep], None if payload is None else payload[keep])
+
+    def hold(self, values: torch.Tensor, index: torch.Tensor, kth: tuple[float, int] | None) -> None:
+        """Start from an exact result computed elsewhere (`batched_topk.top_d3`): `values` / `index` sorted by
+        (value desc, index asc), at most k of them; `kth` = their k-th (value, index) when there are k."""
+        if self.values.numel() or self._pending:
+            raise ValueError("hold() starts a StreamingTopK: it must come before any push")
+        self.values, self.index = values[: self.k], index[: self.k]
+        if self.full:
+            self._kth = kth if kth is not None else (self.values[-1].item(), int(self.index[-1]))
 
     def threshold(self) -> float:
         """A score that a new entry must beat to matter (-inf while fewer than k are held)."""
