@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class Segment:
 def bound_factor(eps: float, exp: float, grad_scale: float = 1.0) -> float:
     """No D3 score exceeds |g| * this: (|theta| + eps)^exp >= eps^exp. The slack covers the float32 roundings
     of the computed score (eps rounded to float32, division, pow, the loss-scale product)."""
-    eps32 = torch.tensor(eps, dtype=torch.float32).item()
+    eps32 = struct.unpack("f", struct.pack("f", eps))[0]  # eps rounded to float32, on the host
     return (1.0 / grad_scale) * (1 + 1e-5) / (eps32**exp if exp else 1.0)
 
 

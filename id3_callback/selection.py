@@ -12,7 +12,8 @@ Memory: the running best-k buffer plus one chunk's candidates, O(k + chunk), ind
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -38,6 +39,11 @@ BOUND_BLOCK = 128
 # the CPU, where host reads cost nothing and streaming measured ~1.5x faster (MiniLM, 1 thread); "always";
 # "never".
 BATCHED_SELECTION = "auto"
+# Intra-op threads of a step's selection (None: torch's setting). Its ops are many and small, each an OpenMP
+# parallel region whose barrier waits for the slowest thread; when other jobs share the CPU that thread is
+# often descheduled, and the selection slowed 45x where the backward slowed 12x (issue 20). One thread costs
+# little idle and removes the barrier: benchmarks/results/contention.md.
+SELECTION_THREADS: int | None = 1
 # Past this fraction of entries in reaching blocks, gathering them costs more than working on the whole chunk.
 FEW = 0.25
 # Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
@@ -45,6 +51,20 @@ SMALL_TENSOR = 1 << 14
 # Embedding weights at least this large get the row-sparse D3 path (smaller ones are cheap to score whole).
 ROW_SPARSE_MIN_ENTRIES = 1 << 16
 # Every size above is read as `selection.NAME` at the time of use, so patching it here reaches every user.
+
+
+@contextmanager
+def selection_threads() -> Iterator[None]:
+    """Run the block with `SELECTION_THREADS` intra-op threads (restored after; a no-op for None)."""
+    wanted, before = SELECTION_THREADS, torch.get_num_threads()
+    if wanted is None or wanted == before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
