@@ -91,8 +91,9 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
     budget = max(1, round(args.budget * total))
     start_at = args.total_steps // 2
     std_engine = None
+    device = torch.device(args.device)
     for name in names:
-        model = benchutil.minilm_classifier(seed=0)
+        model = benchutil.minilm_classifier(seed=0).to(device)
         model.train()
         if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
@@ -107,7 +108,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             engine = ID3Engine(model, config)
             engine.start(args.total_steps)
             if std_engine is None:  # fast-forward to mid-schedule with a D3 selection on a warm-up batch
-                probe = benchutil.minilm_classifier(seed=0)
+                probe = benchutil.minilm_classifier(seed=0).to(device)
                 probe_engine = ID3Engine(probe, ID3Config(budget=args.budget))
                 probe_engine.start(args.total_steps)
                 probe(**warm_batch).loss.backward()
@@ -189,6 +190,7 @@ def run(args) -> dict:
     batches = benchutil.sst2_batches(
         tokenizer, args.warmup + args.steps + args.breakdown_steps + 1, args.batch, args.seq
     )  # the A/B phase reuses the first ones
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     variants = build_variants(args, batches[0])
     names = [v.name for v in variants]
     records: dict[str, list[dict]] = {n: [] for n in names}
@@ -287,6 +289,7 @@ def run(args) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "threads": args.threads,
+            "device": args.device,
         },
         "machine": benchutil.machine(),
         "variants": {},
@@ -402,6 +405,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--variants", default="full,id3,id3_low_memory,id3_dense_grads,lora,official,full_copy"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timers synchronize CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
