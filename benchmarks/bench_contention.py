@@ -145,7 +145,16 @@ def build(model_name: str, args, tmp: str):
         base = benchutil.minilm_classifier()
         batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), args.batches, 16, 64)
     else:
-        base, tokenizer = benchutil.smollm()
+        loaded, tokenizer = benchutil.smollm()
+        # A GGUF-loaded model counts as quantized for the Trainer: rebuild it as a plain one.
+        from transformers import AutoModelForCausalLM
+
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        base.load_state_dict(loaded.state_dict())
+        del loaded
         base.config.use_cache = False
         batches = benchutil.xsum_batches(tokenizer, args.batches, 4, 64)
     base.train()
@@ -299,8 +308,9 @@ def main(argv=None) -> dict:
     }
     for model_name in args.models.split(","):
         result["models"][model_name] = run_model(model_name, args, load)
+        benchutil.save_result(result, args.out, markdown)  # after each model: a later failure keeps it
     selection_mod.SELECTION_THREADS = 1
-    return benchutil.save_result(result, args.out, markdown)
+    return result
 
 
 if __name__ == "__main__":
