@@ -16,9 +16,12 @@ from .optim import SparseAdamW, guard_weight_decay
 from .plan import Plan, TrainingSettings
 from .schedulers import Schedule, register_scheduler
 from .scores import d3_scores
+from .state import StateError
 
 __version__ = "0.1.0"
 
+# ID3SFTTrainer, ID3DPOTrainer, ID3GRPOTrainer (needs trl) are attributes but not in __all__, so that
+# `from id3_callback import *` works without trl.
 __all__ = [
     "DeltaError",
     "ID3Callback",
@@ -32,6 +35,7 @@ __all__ = [
     "Selection",
     "SelectionMethod",
     "SparseAdamW",
+    "StateError",
     "StepContext",
     "TrainingSettings",
     "apply_delta",
@@ -56,4 +60,8 @@ def __getattr__(name):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in ("ID3SFTTrainer", "ID3DPOTrainer", "ID3GRPOTrainer"):  # ImportError naming `pip install trl`
+        from . import trl_trainers
+
+        return getattr(trl_trainers, name)
     raise AttributeError(f"module 'id3_callback' has no attribute {name!r}")

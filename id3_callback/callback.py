@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from dataclasses import replace
 
 from torch import nn
 from transformers import TrainerCallback
@@ -30,19 +32,37 @@ class ID3Callback(TrainerCallback):
             raise TypeError("pass either an ID3Config or keyword overrides, not both")
         self.config = config
         self.engine: ID3Engine | None = None
+        self.optimizer_note: str | None = None  # which optimizer trains, and why (set by ID3Trainer)
 
     def attach(
-        self, model: nn.Module, seed: int | None = None, settings: TrainingSettings | None = None
+        self,
+        model: nn.Module,
+        seed: int | None = None,
+        settings: TrainingSettings | None = None,
+        optimizer: str | None = None,
+        optimizer_note: str | None = None,
     ) -> ID3Engine:
-        """Build the engine for `model` under the Trainer's `settings` (called by `ID3Trainer.__init__`)."""
-        self.engine = ID3Engine(model, self.config, seed=seed, settings=settings)
+        """Build the engine for `model` under the Trainer's `settings` (called by `ID3Trainer.__init__`);
+        `optimizer` is the resolved `ID3Config.optimizer` ('auto' decided by the Trainer glue).
+
+        One callback serves one trainer: a second would re-point the engine and lose the first run's set.
+        """
+        if self.engine is not None:
+            raise ValueError(
+                "this ID3Callback already serves another trainer (its engine holds that run's unmasked set, which "
+                "save_delta reads). Give each trainer its own: callbacks=[ID3Callback(ID3Config(...))]."
+            )
+        config = self.config if optimizer is None else replace(self.config, optimizer=optimizer)
+        self.engine = ID3Engine(model, config, seed=seed, settings=settings)
+        self.optimizer_note = optimizer_note
         return self.engine
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.engine is None:
             raise RuntimeError(
-                "ID3Callback was added to a plain Trainer: masking must happen between backward and the optimizer "
-                "step, which only ID3Trainer (or ID3Seq2SeqTrainer) does. Replace Trainer with ID3Trainer."
+                "ID3Callback was added to a plain Trainer (or with callback_handler.add_callback after the trainer was "
+                "built): masking must happen between backward and the optimizer step, which only ID3Trainer (or "
+                "ID3Seq2SeqTrainer) does. Replace Trainer with ID3Trainer and pass callbacks=[ID3Callback(...)]."
             )
         if not state.max_steps or state.max_steps < 1:
             raise ValueError(
@@ -52,7 +72,7 @@ class ID3Callback(TrainerCallback):
         self.engine.start(state.max_steps)
         check_consistency(self.engine, "train begin (after static masks are chosen)")  # DDP only
         if state.is_world_process_zero:
-            summary = self.engine.summary()
+            summary = self.engine.summary(optimizer=self.optimizer_note)
             logger.info(summary)
             print(summary, flush=True)
 
@@ -67,6 +87,9 @@ class ID3Callback(TrainerCallback):
             self.engine.remove_hooks()  # low-memory mode: later backwards (evaluation, analysis) keep p.grad
         if self.engine is not None and state.is_world_process_zero:
             e = self.engine
+            shortfall = e.budget_shortfall()
+            if shortfall:
+                warnings.warn(shortfall, stacklevel=2)
             logger.info(
                 "ID3 done: %s entries unmasked (budget %s), %s parameter updates (%.3f of a static mask's)",
                 f"{len(e.unmasked):,}",

@@ -6,6 +6,11 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 
+OPTIMIZERS = ("auto", "sparse_adamw", "trainer")
+# Above this the D3 score is a step function of |theta| in float32; the paper uses exp in 0..2.
+MAX_EXP = 16.0
+_FLOAT32_TINY_LOG10 = math.log10(1.1754943508222875e-38)  # smallest normal float32
+
 
 @dataclass
 class ID3Config:
@@ -78,11 +83,12 @@ class ID3Config:
         },
     )
     optimizer: str = field(
-        default="sparse_adamw",
+        default="auto",
         metadata={
-            "help": "'sparse_adamw': AdamW whose state lives only on unmasked entries, with per-entry bias "
-            "correction (the default). 'trainer': whatever TrainingArguments.optim builds; weight decay is "
-            "then applied to unmasked entries only."
+            "help": "'auto' (the default): SparseAdamW when TrainingArguments.optim is the Trainer's default "
+            "AdamW, else the optimizer chosen there. 'sparse_adamw': AdamW whose state lives only on unmasked "
+            "entries, with per-entry bias correction. 'trainer': whatever TrainingArguments.optim builds (or the "
+            "optimizer passed to the Trainer); weight decay is then applied to unmasked entries only."
         },
     )
     fisher_samples: int = field(
@@ -104,7 +110,7 @@ class ID3Config:
             "of the batch's tokens instead of a zero-filled table (bitwise the same values on CPU); in "
             "low-memory mode, tables tied to the output layer too. None: on under ID3Trainer and in "
             "low-memory mode wherever it applies; otherwise off in a plain loop, where torch's "
-            "clip_grad_norm_ cannot read it (use engine.clip_grad_norm_). Needs optimizer='sparse_adamw'; "
+            "clip_grad_norm_ cannot read it (use engine.clip_grad_norm_). Needs SparseAdamW (see optimizer); "
             "not with fp16 loss scaling, DDP, or methods 'repeat' and 'full'."
         },
     )
@@ -125,6 +131,11 @@ class ID3Config:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ValueError(
+                f"budget must be a number (got {self.budget!r}): a count such as budget=100000 or a fraction such as "
+                "budget=0.0017."
+            )
         if self.budget is None or not math.isfinite(float(self.budget)) or self.budget <= 0:
             raise ValueError(
                 f"budget must be > 0 (got {self.budget}): pass a count such as budget=100000 or a fraction such "
@@ -134,12 +145,31 @@ class ID3Config:
             raise ValueError(
                 f"budget {self.budget} is neither a count nor a fraction: use an integer >= 1 or a float in (0, 1)."
             )
-        if self.eps < 0 or self.exp < 0:
-            raise ValueError(f"eps and exp must be >= 0 (got eps={self.eps}, exp={self.exp}).")
+        for name in ("eps", "exp"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(
+                    f"eps and exp must be >= 0 and finite numbers (got {name}={value!r}); the defaults are "
+                    "eps=1e-3, exp=1.0."
+                )
         if self.exp > 0 and self.eps == 0:
             raise ValueError("eps=0 with exp>0 divides by zero for zero weights: use eps > 0 (default 1e-3).")
-        if self.optimizer not in ("sparse_adamw", "trainer"):
-            raise ValueError(f"optimizer must be 'sparse_adamw' or 'trainer' (got {self.optimizer!r}).")
+        if self.exp > MAX_EXP:
+            raise ValueError(
+                f"exp={self.exp} is outside the supported 0..{MAX_EXP:g}: the paper uses 0 to 2."
+            )
+        if self.exp > 0 and self.exp * math.log10(self.eps) < _FLOAT32_TINY_LOG10:
+            raise ValueError(
+                f"eps={self.eps:g} with exp={self.exp:g}: eps**exp underflows float32, so D3 scores of small weights "
+                "become infinite and are never chosen. Lower exp or raise eps."
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r}).")
         if self.fisher_samples < 1:
             raise ValueError(f"fisher_samples must be >= 1 (got {self.fisher_samples}).")
 

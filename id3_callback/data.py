@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+try:
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+except ImportError as err:  # the library itself does not need `datasets`; the example scripts do
+    raise ImportError(
+        "id3_callback.data (the example scripts' dataset loaders) needs `datasets`: "
+        "pip install 'id3-callback[examples]'"
+    ) from err
 
 logger = logging.getLogger(__name__)
 

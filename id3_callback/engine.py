@@ -19,10 +19,12 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from . import state as state_io
 from .config import ID3Config
 from .distributed import is_distributed
 from .io import atomic_write
@@ -46,7 +48,7 @@ from .sparse_grads import RowSparseEmbeddings, as_coalesced, gather_entries
 
 __all__ = ["ID3Engine", "STATE_FILE", "atomic_torch_save", "split_parameters"]
 
-STATE_FILE = "id3_state.pt"
+STATE_FILE = state_io.STATE_FILE
 
 
 class ID3Engine:
@@ -72,6 +74,10 @@ class ID3Engine:
         settings: TrainingSettings | None = None,
     ) -> None:
         self.config = config or ID3Config()
+        if (
+            self.config.optimizer == "auto"
+        ):  # a plain loop builds its own optimizer: SparseAdamW, as documented
+            self.config = replace(self.config, optimizer="sparse_adamw")
         self.model = model
         selectable, dense = split_parameters(model, self.config)
         self.seed = self.config.mask_seed if self.config.mask_seed is not None else (seed or 0)
@@ -90,7 +96,9 @@ class ID3Engine:
         self.schedule: Schedule | None = None
         self.steps_done = 0  # optimizer steps seen by `step`
         self.updates_total = 0  # sum over steps of the number of trainable entries (the paper's update count)
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # optimizer steps that were due to grow the set and grew nothing
+        # T of the run a loaded checkpoint state belongs to: `start` refuses another one.
+        self.resumed_total_steps: int | None = None
         self._log = {"selection_s": 0.0, "steps": 0, "new": 0}
         self.last_stats: dict = {}
         self.last_selected_scores: torch.Tensor | None = None  # of the last selection (score histograms)
@@ -137,6 +145,12 @@ class ID3Engine:
             raise ValueError(
                 f"ID3 needs the number of optimizer steps T to spread the budget (got {total_steps}). "
                 "Set max_steps, or give the dataset a length."
+            )
+        if self.resumed_total_steps is not None and total_steps != self.resumed_total_steps:
+            raise state_io.StateError(
+                f"the loaded ID3 state belongs to a run of {self.resumed_total_steps:,} optimizer steps, this run "
+                f"has {total_steps:,}: the schedule would differ. Resume with max_steps={self.resumed_total_steps}, "
+                "or start a new run (another output_dir)."
             )
         self.schedule = Schedule(self.config.scheduler, self.budget, total_steps)
         if self.steps_done == 0 and len(self.unmasked) == 0:
@@ -193,7 +207,8 @@ class ID3Engine:
         """Names of the tied tables whose gradient is never built whole right now (low-memory mode only)."""
         return self.low_memory_mode.streamed_tables if self.low_memory_mode is not None else []
 
-    def summary(self) -> str:
+    def summary(self, optimizer: str | None = None) -> str:
+        """The train-begin summary; `optimizer` says which optimizer runs and why (the Trainer glue knows)."""
         pct = 100.0 * self.budget / max(self.selectable, 1)
         n_tensors = len(self.unmasked.params)
         lines = [
@@ -202,9 +217,8 @@ class ID3Engine:
         ]
         if self.schedule is not None and self.method.incremental:
             lines.append(f"  schedule: {self.schedule.describe()}")
-        lines.append(
-            f"  score: |g| / (|theta| + {self.config.eps:g})^{self.config.exp:g}; optimizer: {self.config.optimizer}"
-        )
+        lines.append(f"  score: |g| / (|theta| + {self.config.eps:g})^{self.config.exp:g}")
+        lines.append(f"  optimizer: {optimizer or self.config.optimizer}")
         if self.method.describe():
             lines.append(f"  method: {self.method.describe()}")
         if self.low_memory_active:
@@ -257,8 +271,6 @@ class ID3Engine:
         grew = self.scan.finite or not check_overflow
         if grew:
             self._apply(selection)
-        else:
-            self.skipped_steps += 1
         # Rows found on this very gradient object only (a method may have scored something else).
         params = self.unmasked.params
         rows = {n: r for n, (g, r) in self.scan.nonzero_rows.items() if params[n].grad is g}
@@ -270,6 +282,8 @@ class ID3Engine:
             for name in self.unmasked.params:
                 self.scan.sorted_unmasked(name)
         new = len(self.unmasked) - before
+        if not grew or (k > 0 and new <= 0):  # an fp16 overflow, or no finite score: the share carries over
+            self.skipped_steps += 1
         elapsed = time.perf_counter() - t0
         self.updates_total += len(self.unmasked) + self.dense_entries
         self._log["selection_s"] += elapsed
@@ -400,10 +414,25 @@ class ID3Engine:
         self._log = {"selection_s": 0.0, "steps": 0, "new": 0}
         return metrics
 
+    def budget_shortfall(self) -> str | None:
+        """Why the set holds fewer than the budget's entries (None when it holds them all), for a warning."""
+        if len(self.unmasked) >= self.budget:
+            return None
+        total = self.schedule.total_steps if self.schedule is not None else "?"
+        return (
+            f"ID3 ended with {len(self.unmasked):,} of its budget of {self.budget:,} entries unmasked after "
+            f"{self.steps_done:,} of {total} optimizer steps; {self.skipped_steps:,} steps grew nothing (an fp16 "
+            "overflow, or no finite score: NaN/Inf gradients). Train to max_steps, or look for NaN/Inf losses; "
+            "the delta holds only the entries unmasked."
+        )
+
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
+        total_steps = self.schedule.total_steps if self.schedule is not None else self.resumed_total_steps
         return {
-            "format": "id3-engine-state/1",
+            "format": state_io.FORMAT,
+            "global_step": self.steps_done,
+            "fingerprint": state_io.fingerprint(self, total_steps),
             "config": self.config.to_dict(),
             "budget": self.budget,
             "steps_done": self.steps_done,
@@ -413,34 +442,39 @@ class ID3Engine:
             "method": self.method.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != "id3-engine-state/1":
-            raise ValueError("not an ID3 engine state (missing format tag): was it written by id3_callback?")
-        if state["budget"] != self.budget or state["config"]["method"] != self.config.method:
-            raise ValueError(
-                f"checkpoint was trained with method={state['config']['method']!r}, budget={state['budget']:,}; "
-                f"this run has method={self.config.method!r}, budget={self.budget:,}. Resume with the same ID3Config."
-            )
+    def load_state_dict(
+        self,
+        state: dict,
+        source: str = "the state dict",
+        global_step: int | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        """Load a state from `state_dict`, after `state.verify` (raises `StateError`, loading nothing)."""
+        if not isinstance(state, dict) or state.get("format") not in (
+            state_io.FORMAT,
+            state_io.LEGACY_FORMAT,
+        ):
+            raise state_io.StateError(f"{source} is not an ID3 engine state (missing format tag).")
+        state_io.verify(state, self, source, global_step, total_steps)
         self.unmasked.load_state_dict(state["unmasked"])
         self.steps_done = state["steps_done"]
         self.updates_total = state["updates_total"]
         self.skipped_steps = state["skipped_steps"]
         self.method.load_state_dict(state["method"])
+        self.resumed_total_steps = state.get("fingerprint", {}).get("total_steps")
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write the state into `directory` atomically (temp file + rename); returns the file path."""
+        """Write the state into `directory` atomically (temp file + rename) and fsynced; returns the file path."""
         path = os.path.join(directory, STATE_FILE)
-        atomic_torch_save(self.state_dict(), path)
-        return path
+        return state_io.write_durably(path, state_io.encode(self.state_dict()))
 
-    def load(self, directory: str | os.PathLike) -> None:
-        path = os.path.join(directory, STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} not found: this checkpoint has no ID3 state (saved without ID3Trainer?). "
-                "Resume from a checkpoint written by ID3Trainer."
-            )
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    def load(
+        self, directory: str | os.PathLike, global_step: int | None = None, total_steps: int | None = None
+    ) -> None:
+        """Load the state `save` wrote, verified first (`state.verify`): checksum, settings, indices, and the
+        step when `global_step` is given. Raises `StateError` and loads nothing if any check fails."""
+        path = os.path.join(os.fspath(directory), STATE_FILE)
+        self.load_state_dict(state_io.read_state(path), path, global_step, total_steps)
 
 
 def atomic_torch_save(obj, path: str) -> None:

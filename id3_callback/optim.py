@@ -233,3 +233,33 @@ def guard_weight_decay(optimizer: torch.optim.Optimizer, unmasked: UnmaskedSet) 
 
     optimizer.register_step_pre_hook(apply_decay)
     optimizer._id3_decay_guarded = True
+
+
+def choose_optimizer(choice: str, optim: str, default_optim: str, given: bool = False) -> tuple[str, str]:
+    """Resolve `ID3Config.optimizer` under the Trainer: ('sparse_adamw' or 'trainer', why, for the summary).
+
+    `optim` is `TrainingArguments.optim`, `default_optim` the Trainer's default for it, `given` whether an
+    optimizer was passed to the Trainer (`optimizers=` or `optimizer_cls_and_kwargs=`). 'auto' reads the
+    default AdamW as "no choice made" and takes SparseAdamW; any other choice of the user's is honoured.
+
+    Example:
+        >>> choose_optimizer("auto", "sgd", "adamw_torch_fused")[0]
+        'trainer'
+    """
+    if choice == "sparse_adamw" and given:
+        raise ValueError(
+            "ID3Config(optimizer='sparse_adamw') conflicts with the optimizer passed to the Trainer: drop one of "
+            "them (ID3Config(optimizer='auto') uses the one passed, with weight decay on unmasked entries only)."
+        )
+    sparse = "SparseAdamW (state for unmasked entries only, per-entry bias correction)"
+    if choice == "sparse_adamw":
+        unused = f"; TrainingArguments.optim={optim!r} is not used" if optim != default_optim else ""
+        return "sparse_adamw", f"{sparse}, as ID3Config(optimizer='sparse_adamw') asks{unused}"
+    if choice == "trainer" or given or optim != default_optim:
+        source = "the optimizer passed to the Trainer" if given else f"TrainingArguments.optim={optim!r}"
+        how = "ID3Config(optimizer='trainer')" if choice == "trainer" else "auto: the user's choice"
+        return "trainer", f"{source} ({how}), weight decay on unmasked entries only"
+    return "sparse_adamw", (
+        f"{sparse}; auto: TrainingArguments.optim is the Trainer's default {optim!r} "
+        "(ID3Config(optimizer='trainer') keeps it)"
+    )

@@ -96,6 +96,13 @@ class Plan:
         return lines
 
 
+# The resolved ID3Config.optimizer: "trainer" also when optimizer="auto" honoured TrainingArguments.optim.
+NOT_SPARSE_ADAMW = (
+    "the optimizer is not SparseAdamW (ID3Config.optimizer='trainer', or 'auto' honouring TrainingArguments.optim "
+    "or an optimizer passed to the Trainer): a standard optimizer reads dense gradients"
+)
+
+
 def _match(pattern: str | None, name: str) -> bool:
     return pattern is not None and re.search(pattern, name) is not None
 
@@ -180,7 +187,7 @@ def low_memory_blockers(config: ID3Config, method: SelectionMethod, settings: Tr
     if settings.torch_clipping:
         reasons.append(TORCH_CLIPPING)
     if config.optimizer != "sparse_adamw":
-        reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
+        reasons.append(NOT_SPARSE_ADAMW)
     if method.score_fn() is None:
         reasons.append(f"method={config.method!r} (only methods that grow the set by a score, e.g. 'id3')")
     return reasons
@@ -192,7 +199,7 @@ def sparse_grad_blockers(
     """Why row-sparse embedding gradients cannot be used under these settings (empty list: they can)."""
     reasons = []
     if config.optimizer != "sparse_adamw":
-        reasons.append("optimizer='trainer' (a standard optimizer reads dense gradients)")
+        reasons.append(NOT_SPARSE_ADAMW)
     if not method.sparse_grads:
         reasons.append(f"method={config.method!r} (it reads dense gradients)")
     if settings.loss_scaling:

@@ -152,22 +152,13 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, **kwar
     Example:
         >>> model = load_causal_lm("smollm2")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM
+    from id3_callback.models import load_plain_model
 
     path, gguf = resolve_model(name_or_path)
-    if gguf is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype, **kwargs)
-    # A GGUF-loaded model refuses save_pretrained (checkpoints would fail): rebuild a plain one.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._name_or_path = name_or_path
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    del loaded
-    return plain
+    model = load_plain_model(path, "AutoModelForCausalLM", gguf_file=gguf, dtype=dtype, **kwargs)
+    if gguf:
+        model.config._name_or_path = name_or_path
+    return model
 
 
 def load_seq2seq_or_causal(name_or_path: str, **kwargs):
@@ -217,21 +208,32 @@ def exact_names_regex(names: list[str]) -> str | None:
 # -------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8, num_beams: int = 1
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy (or beam) continuations of `prompts` from a decoder-only LM, without the prompt.
 
     Left padding keeps every prompt's last token at the end of the row, where generation starts.
+    `progress` shows a tqdm bar over the prompts (the scripts pass `not training_args.disable_tqdm`).
     """
+    from tqdm.auto import tqdm
+
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     out: list[str] = []
+    bar = tqdm(total=len(prompts), desc="Generating", unit="prompt", disable=not progress)
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            # Some tokenizers add token_type_ids, which a decoder-only LM's generate() refuses (4.x raises).
+            batch = {k: v.to(device) for k, v in batch.items() if k != "token_type_ids"}
             generated = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -241,7 +243,9 @@ def generate_texts(
             )
             new = generated[:, batch["input_ids"].shape[1] :]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
+            bar.update(len(new))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return [text.strip() for text in out]

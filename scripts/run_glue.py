@@ -113,7 +113,9 @@ def build_model(model_args, data_args, lora_args, id3_config: ID3Config):
     )
     model.config._name_or_path = model_args.model_name_or_path
     # Parameters the checkpoint lacks (the new head) start random: train them fully, outside the budget.
-    new = sorted(set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())})
+    # mismatched_keys: names on transformers 4.x, (name, shape, shape) tuples on 5.x
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
+    new = sorted(set(info.get("missing_keys", ())) | mismatched)
     new = [n for n in new if n in dict(model.named_parameters())]
     if lora_args.lora_r > 0:
         modules = sorted({n.rsplit(".", 1)[0] for n in new})

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             [prompt(q) for q in eval_raw["question"]],
             max_new_tokens=data_args.max_new_tokens,
             batch_size=training_args.per_device_eval_batch_size,
+            progress=not training_args.disable_tqdm and trainer.is_world_process_zero(),
         )
         references = list(eval_raw["answer"])
         accuracy = load_metric("gsm8k").compute(predictions=texts, references=references)["accuracy"]

@@ -263,6 +263,7 @@ def _causal(model, tokenizer, data_args, training_args, train_raw, eval_raw, cal
             max_new_tokens=gen_length,
             batch_size=training_args.per_device_eval_batch_size,
             num_beams=data_args.num_beams,
+            progress=not training_args.disable_tqdm and trainer.is_world_process_zero(),
         )
 
     return trainer, predictions

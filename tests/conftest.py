@@ -63,6 +63,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _restore_accelerate_env():
+    # transformers 4.x's TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ and reads it
+    # back as its default: after one bf16 test, every later Trainer (and each DDP worker) would run in bf16.
+    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 import id3_callback.selection as sel
 from id3_callback import ID3Callback, ID3Config, ID3Engine, ID3Trainer, SparseAdamW, TrainingSettings
+from id3_callback.trainer import trainer_clips_inline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -279,6 +280,8 @@ def test_through_the_trainer_same_weights_and_grad_norm(tmp_path):
     assert not low.engine.low_memory_active
     low.model(**next(batches("cls", 1))).loss.backward()
     assert all(p.grad is not None for p in low.model.parameters())
+    if trainer_clips_inline():  # transformers 4.x logs no grad_norm without clipping
+        return
     norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (std, low)]
     assert len(norms[0]) == len(norms[1]) == 6
     # the same quantity from dense masked gradients vs kept values: equal up to float rounding

@@ -178,7 +178,9 @@ def test_which_tied_tables_qualify():
     assert tied_output_candidates(model, params, 10**9) == {}  # too small
     t5 = tiny_t5()  # encoder, decoder (and the unused `shared`) embeddings, one output layer
     embeddings, head = tied_output_candidates(t5, dict(t5.named_parameters()), 1)["shared.weight"]
-    assert len(embeddings) == 3 and head is t5.lm_head
+    # 5.x gives the encoder and decoder their own Embedding modules on the shared weight; 4.x reuses `shared`
+    users = {id(m) for m in t5.modules() if isinstance(m, nn.Embedding) and m.weight is t5.shared.weight}
+    assert {id(e) for e in embeddings} == users and head is t5.lm_head
     untied = tiny_llama()
     assert tied_output_candidates(untied, dict(untied.named_parameters()), 1) == {}
     model.head.bias = nn.Parameter(torch.zeros(210))  # one more sum to reproduce: not streamed
@@ -351,24 +353,3 @@ def test_trainer_with_accumulation(tiny_tables, tmp_path):
     assert torch.sparse_coo in layouts
     for a, b in zip(auto.model.state_dict().values(), dense.model.state_dict().values()):
         assert torch.equal(a, b)
-
-
-def test_a_trainer_that_clips_inline_keeps_dense_gradients(tiny_tables, tmp_path, monkeypatch):
-    # transformers versions without the `_clip_grad_norm` hook clip with torch over dense p.grad
-    import transformers
-
-    monkeypatch.delattr(transformers.Trainer, "_clip_grad_norm")
-    config = ID3Config(budget=150, low_memory=True)
-    with pytest.warns(UserWarning, match="clips inline"):
-        trainer = ID3Trainer(
-            model=tiny_bert(),
-            args=training_args(tmp_path),  # max_grad_norm=1.0
-            train_dataset=token_data(n=48),
-            callbacks=[ID3Callback(config)],
-        )
-    assert not trainer.engine.low_memory and not trainer.engine.sparse_grads
-    args = training_args(tmp_path, max_grad_norm=0.0)  # no clipping: both apply again
-    trainer = ID3Trainer(
-        model=tiny_bert(), args=args, train_dataset=token_data(n=48), callbacks=[ID3Callback(config)]
-    )
-    assert trainer.engine.low_memory and trainer.engine.sparse_grads

@@ -37,6 +37,20 @@ def _reports_to_wandb(args) -> bool:
     return "wandb" in report_to or "all" in report_to
 
 
+_warned_no_matplotlib = False
+
+
+def _warn_no_matplotlib() -> None:
+    # Once per process: a sweep of many trainers should not repeat it.
+    global _warned_no_matplotlib
+    if not _warned_no_matplotlib:
+        _warned_no_matplotlib = True
+        logger.warning(
+            "matplotlib is not installed: no mask_density.png heatmap. Install it with "
+            "pip install 'id3-callback[plots]' (or pip install matplotlib)."
+        )
+
+
 def attach_logging(trainer) -> None:
     """Bind mask-logging callbacks to `trainer.id3`, adding the defaults that are missing.
 
@@ -49,7 +63,7 @@ def attach_logging(trainer) -> None:
         if not any(isinstance(cb, MaskHeatmapCallback) for cb in handler.callbacks):
             handler.add_callback(MaskHeatmapCallback())
     else:
-        logger.info("matplotlib is not installed: no mask_density.png (pip install matplotlib).")
+        _warn_no_matplotlib()
     if _reports_to_wandb(trainer.args) and not any(
         isinstance(cb, ID3WandbCallback) for cb in handler.callbacks
     ):

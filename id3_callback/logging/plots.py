@@ -148,7 +148,9 @@ def density_grid(records: list[dict]) -> DensityGrid:
     return DensityGrid(rows, columns, unmasked, numel)
 
 
-def heatmap_figure(grid: DensityGrid, title: str = "ID3 mask density"):
+def heatmap_figure(
+    grid: DensityGrid, title: str = "ID3 mask density", colorbar_label: str = "fraction unmasked"
+):
     """A matplotlib `Figure` of the grid: log-scaled colours, per-cell percentages, a labelled colorbar.
 
     Uses the object-oriented API (no pyplot), so it works under any backend and leaks no global figures.
@@ -205,7 +207,7 @@ def heatmap_figure(grid: DensityGrid, title: str = "ID3 mask density"):
                 dark = d > 0 and norm(d) < 0.6
                 ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
     bar = fig.colorbar(image, ax=ax, extend="min", fraction=0.25 / width, pad=0.12 / width)
-    bar.set_label(f"fraction unmasked ({scale})", fontsize=8)
+    bar.set_label(f"{colorbar_label} ({scale})", fontsize=8)
     fig.text(0.01, 0.01, "white: 0 unmasked   grey: no such tensor", fontsize=7, color="#555555")
     return fig
 
