@@ -59,7 +59,7 @@ ID3_VARIANTS = ("id3", "id3_low_memory", "id3_low_memory_keep", "id3_bounded")
 
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
+    cuda = args.device == "cuda"
     model, tokenizer = benchutil.smollm()
     model.config.use_cache = False
     batches = benchutil.xsum_batches(tokenizer, args.steps + 1, args.batch, args.seq)
@@ -237,6 +237,7 @@ def measure(name: str, args) -> dict:
     """One fresh child process for `name`: its result row (or an error row)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
     cmd += ["--threads", str(args.threads), "--steps", str(args.steps), "--batch", str(args.batch)]
+    cmd += ["--device", args.device]
     cmd += ["--seq", str(args.seq), "--budget", str(args.budget), "--total-steps", str(args.total_steps)]
     cmd += ["--checkpointing"] if args.checkpointing else []
     cmd += ["--mask-file", args.mask_file]
@@ -331,6 +332,9 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mask-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda: max_memory_allocated"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)

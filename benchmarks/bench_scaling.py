@@ -45,34 +45,43 @@ PIECE = 4 * 1024 * 1024
 WIDTH = 1024
 
 
-def build(n: int, seed: int = 0) -> nn.ParameterList:
-    g = torch.Generator().manual_seed(seed)
+def build(n: int, seed: int = 0, device: str = "cpu") -> nn.ParameterList:
+    g = torch.Generator(device=device).manual_seed(seed)
     params = nn.ParameterList()
     left = n
     while left > 0:
         size = min(PIECE, left)
         rows = max(1, size // WIDTH)
         shape = (rows, WIDTH) if rows * WIDTH == size else (size,)
-        p = nn.Parameter(torch.randn(shape, generator=g) * 0.05)
-        p.grad = torch.randn(shape, generator=g) * 1e-3
+        p = nn.Parameter(torch.randn(shape, generator=g, device=device) * 0.05)
+        p.grad = torch.randn(shape, generator=g, device=device) * 1e-3
         params.append(p)
         left -= size
     return params
 
 
-def child(n: int, method: str, repeats: int) -> dict:
-    model = build(n)
+def child(n: int, method: str, repeats: int, device: str = "cpu") -> dict:
+    model = build(n, device=device)
+    cuda = device == "cuda"
     engine = ID3Engine(model, ID3Config(budget=0.0017))
     engine.start(1000)
     k = engine.schedule.target(501) - engine.schedule.target(500)
     # half the budget already unmasked (random entries): exclusion costs as in mid-training
-    engine.add_global(torch.randperm(n, generator=torch.Generator().manual_seed(1))[: engine.budget // 2])
+    engine.add_global(
+        torch.randperm(n, generator=torch.Generator().manual_seed(1))[: engine.budget // 2].to(device)
+    )
     score = partial(d3_scores, eps=1e-3, exp=1.0)
     benchutil.trim_heap()
     before = benchutil.rss_mb()
     benchutil.reset_peak_rss()
     times = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         if method == "engine":
             top = StreamingTopK(k)
@@ -86,6 +95,8 @@ def child(n: int, method: str, repeats: int) -> dict:
                 scores.append(s)
             chosen = torch.topk(torch.cat(scores), k).indices
             del scores
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         del chosen
     return {
@@ -94,7 +105,10 @@ def child(n: int, method: str, repeats: int) -> dict:
         "k": k,
         "seconds": min(times),  # the least disturbed run: other processes only ever add time
         "seconds_median": statistics.median(times),
-        "extra_mb": benchutil.peak_rss_mb() - before,
+        "extra_mb": (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
+        if cuda
+        else benchutil.peak_rss_mb() - before,
+        "device": device,
         "rss_before_mb": before,
     }
 
@@ -106,7 +120,7 @@ def parent(args) -> dict:
             if method == "naive" and size > args.naive_max:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--child", str(size), "--method", method]
-            cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+            cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
@@ -171,13 +185,16 @@ def main(argv=None) -> dict | None:
         help="comma-separated, in millions",
     )
     parser.add_argument("--naive-max", type=float, default=50e6)
+    parser.add_argument("--device", default="cpu", help="cuda: extra memory from max_memory_allocated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(benchutil.RESULTS / "scaling.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child is not None:
-        print("RESULT " + json.dumps(child(int(args.child), args.method, args.repeats)), flush=True)
+        print(
+            "RESULT " + json.dumps(child(int(args.child), args.method, args.repeats, args.device)), flush=True
+        )
         return None
     result = parent(args)
     return benchutil.save_result(result, args.out, markdown)

@@ -104,8 +104,9 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
     budget = max(1, round(args.budget * total))
     start_at = args.total_steps // 2
     std_engine = None
+    device = torch.device(args.device)
     for name in names:
-        model = make_model(args)
+        model = make_model(args).to(device)
         model.train()
         if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
@@ -122,7 +123,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             engine = ID3Engine(model, config)
             engine.start(args.total_steps)
             if std_engine is None:  # fast-forward to mid-schedule with a D3 selection on a warm-up batch
-                probe = make_model(args)
+                probe = make_model(args).to(device)
                 probe_engine = ID3Engine(probe, ID3Config(budget=args.budget))
                 probe_engine.start(args.total_steps)
                 probe(**warm_batch).loss.backward()
@@ -210,6 +211,7 @@ def run(args) -> dict:
         batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), count, args.batch, args.seq)
     else:
         batches = benchutil.xsum_batches(benchutil.smollm()[1], count, args.batch, args.seq)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     variants = build_variants(args, batches[0])
     names = [v.name for v in variants]
     records: dict[str, list[dict]] = {n: [] for n in names}
@@ -310,6 +312,7 @@ def run(args) -> dict:
             "steps": args.steps,
             "warmup": args.warmup,
             "threads": args.threads,
+            "device": args.device,
         },
         "machine": benchutil.machine(),
         "variants": {},
@@ -426,6 +429,7 @@ def main(argv=None) -> dict:
         "--variants", default="full,id3,id3_low_memory,id3_dense_grads,lora,official,full_copy"
     )
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timers synchronize CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)

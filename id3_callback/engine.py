@@ -44,6 +44,7 @@ from .plan import (
 from .recompute import PointwiseRecompute
 from .scan import Scan
 from .schedulers import Schedule
+from .selection import selection_threads
 from .sparse_grads import RowSparseEmbeddings, as_coalesced, gather_entries
 
 __all__ = ["ID3Engine", "STATE_FILE", "atomic_torch_save", "split_parameters"]
@@ -282,18 +283,19 @@ class ID3Engine:
         self.steps_done += 1
         k = self.schedule.target(self.steps_done) - before
         self.scan.begin_step()
-        if self.low_memory_mode is not None:  # scored in backward already: collect the winners
-            if grad_scale != 1.0:
-                raise ValueError(
-                    "low_memory=True cannot use fp16 loss scaling: the scaler unscales p.grad, which this mode "
-                    "frees during backward. Train in bf16/fp32, or set ID3Config(low_memory=False)."
-                )
-            selection = self.low_memory_mode.finish(k)
-        else:
-            if self.bounded is not None:
-                self._check_bounded_grads()
-            ctx = StepContext(k, self.budget, before, self.scan, grad_scale, check_overflow)
-            selection = self.method.on_step(ctx)
+        if self.low_memory_mode is not None and grad_scale != 1.0:
+            raise ValueError(
+                "low_memory=True cannot use fp16 loss scaling: the scaler unscales p.grad, which this mode "
+                "frees during backward. Train in bf16/fp32, or set ID3Config(low_memory=False)."
+            )
+        with selection_threads():  # many small ops: on one thread they need no barrier (see selection.py)
+            if self.low_memory_mode is not None:  # scored in backward already: collect the winners
+                selection = self.low_memory_mode.finish(k)
+            else:
+                if self.bounded is not None:
+                    self._check_bounded_grads()
+                ctx = StepContext(k, self.budget, before, self.scan, grad_scale, check_overflow)
+                selection = self.method.on_step(ctx)
         grew = self.scan.finite or not check_overflow
         counts = {n: self.unmasked.indices[n].numel() for n in self.bounded.layers} if self.bounded else {}
         if grew:

@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping
 import torch
 
 from . import selection
+from .batched_topk import Segment, concatenated, top_d3
 from .masks import UnmaskedSet
+from .scores import d3_settings
 from .selection import INELIGIBLE, StreamingTopK, TensorScorer, nonzero_rows
 from .sparse_grads import as_coalesced, coalesced_rows
 
@@ -106,9 +108,8 @@ class Scan:
         everything, concatenating and taking the top-k; see `TensorScorer` for the shortcuts.
         """
         final = top
-        if (
-            self.bounded is not None
-        ):  # into the pass's top-k, which holds the bounded layers' verified entries
+        if self.bounded is not None:
+            # Into the pass's top-k, which already holds the bounded layers' verified entries.
             bp = self.bounded.current_pass()
             if bp.k != top.k:
                 raise RuntimeError(
@@ -117,6 +118,15 @@ class Scan:
                 )
             top, scorer = bp.top, bp.scorer
         else:
+            d3 = d3_settings(score_fn)
+            if (
+                d3 is not None
+                and top.k > 0
+                and top.values.numel() == 0
+                and not top._pending
+                and self.batched()
+            ):
+                return self._push_scores_batched(top, score_fn, d3, grad_scale)
             scorer = self.scorer(score_fn, grad_scale)
         pending: list[tuple[str, int, torch.Tensor]] = []
         small, big = [], []
@@ -141,6 +151,63 @@ class Scan:
             self.keep_buffer(scorer)
             return scorer.finite
         top.offset = self.total
+        self.keep_buffer(scorer)
+        return scorer.finite
+
+    def batched(self) -> bool:
+        """Whether D3 selections run batched here (see `selection.BATCHED_SELECTION`)."""
+        mode = selection.BATCHED_SELECTION
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"selection.BATCHED_SELECTION must be 'auto', 'always' or 'never', not {mode!r}")
+        if mode == "auto":
+            return any(p.device.type != "cpu" for p in self.unmasked.params.values())
+        return mode == "always"
+
+    def _push_scores_batched(
+        self, top: StreamingTopK, score_fn: ScoreFn, d3: tuple[float, float], grad_scale: float
+    ) -> bool:
+        """`push_scores` for D3 into an empty `top`: every dense gradient at once (`batched_topk.top_d3`, a
+        constant number of host reads however many tensors and chunks), then the row-sparse ones as before
+        (a few reads per embedding table)."""
+        segments, small, rows = [], [], []
+        for name, p in self.unmasked.params.items():
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:  # summed once here: masking and the optimizer then read the same rows
+                p.grad = grad = as_coalesced(grad)
+            if grad.is_sparse or name in self.row_sparse:
+                rows.append((name, grad))
+            elif p.numel() < selection.SMALL_TENSOR:
+                small.append((name, grad))
+            else:
+                flat = p.detach().reshape(-1)
+                segments.append(
+                    Segment(grad.detach().reshape(-1), flat, self.offsets[name], self.sorted_unmasked(name))
+                )
+        if small:
+            names = [name for name, _ in small]
+            segments.append(
+                concatenated(
+                    [grad for _, grad in small],
+                    [self.unmasked.params[name] for name in names],
+                    [self.offsets[name] for name in names],
+                    [self.sorted_unmasked(name) for name in names],
+                )
+            )
+        if segments and (self.buffer is None or self.buffer.numel() <= selection.SCORE_CHUNK):
+            self.buffer = torch.empty(
+                selection.SCORE_CHUNK + 1, dtype=torch.float32, device=segments[0].grad.device
+            )
+        values, index, finite, kth = top_d3(segments, top.k, *d3, grad_scale, self.buffer)
+        top.hold(values, index, kth)
+        scorer = self.scorer(score_fn, grad_scale)
+        pending: list[tuple[str, int, torch.Tensor]] = []
+        for name, grad in rows:
+            self.push_tensor(top, scorer, name, grad, pending)
+        self.push_skipped_rows(top, scorer, pending)
+        top.offset = self.total
+        scorer.finite = scorer.finite and finite
         self.keep_buffer(scorer)
         return scorer.finite
 

@@ -12,7 +12,8 @@ Memory: the running best-k buffer plus one chunk's candidates, O(k + chunk), ind
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -30,6 +31,19 @@ SCORE_CHUNK = 1 << 20
 # (590K entries: ge 280 us, nonzero 480 us, against 40 us for a max over rows), so entries are grouped in
 # blocks of this many, one row-wise max finds the blocks that reach the threshold, and only those are compared.
 BLOCK = 128
+# The batched selection (`batched_topk`) bounds gradients per block of this many entries (512: fewer, wider
+# bounds, but 2x the entries scored on MiniLM; 128 measured faster).
+BOUND_BLOCK = 128
+# Where the D3 selection runs batched (`batched_topk`: three host reads per step, however many tensors and
+# chunks) instead of streaming chunk by chunk (a host read or more per chunk): "auto" = on every device but
+# the CPU, where host reads cost nothing and streaming measured ~1.5x faster (MiniLM, 1 thread); "always";
+# "never".
+BATCHED_SELECTION = "auto"
+# Intra-op threads of a step's selection (None: torch's setting). Its ops are many and small, each an OpenMP
+# parallel region whose barrier waits for the slowest thread; when other jobs share the CPU that thread is
+# often descheduled, and the selection slowed 45x where the backward slowed 12x (issue 20). One thread costs
+# little idle and removes the barrier: benchmarks/results/contention.md.
+SELECTION_THREADS: int | None = 1
 # Past this fraction of entries in reaching blocks, gathering them costs more than working on the whole chunk.
 FEW = 0.25
 # Tensors smaller than this (biases, norms) are scored together: per-tensor op overhead would dominate.
@@ -39,6 +53,20 @@ ROW_SPARSE_MIN_ENTRIES = 1 << 16
 # Linear weights at least this large get bounded weight gradients (ID3Config.weight_grads='bounded').
 BOUNDED_MIN_ENTRIES = 1 << 16
 # Every size above is read as `selection.NAME` at the time of use, so patching it here reaches every user.
+
+
+@contextmanager
+def selection_threads() -> Iterator[None]:
+    """Run the block with `SELECTION_THREADS` intra-op threads (restored after; a no-op for None)."""
+    wanted, before = SELECTION_THREADS, torch.get_num_threads()
+    if wanted is None or wanted == before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _chunk_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,6 +257,15 @@ class StreamingTopK:
             return
         keep = values > INELIGIBLE
         self._merge(values[keep], index[keep], None if payload is None else payload[keep])
+
+    def hold(self, values: torch.Tensor, index: torch.Tensor, kth: tuple[float, int] | None) -> None:
+        """Start from an exact result computed elsewhere (`batched_topk.top_d3`): `values` / `index` sorted by
+        (value desc, index asc), at most k of them; `kth` = their k-th (value, index) when there are k."""
+        if self.values.numel() or self._pending:
+            raise ValueError("hold() starts a StreamingTopK: it must come before any push")
+        self.values, self.index = values[: self.k], index[: self.k]
+        if self.full:
+            self._kth = kth if kth is not None else (self.values[-1].item(), int(self.index[-1]))
 
     def threshold(self) -> float:
         """A score that a new entry must beat to matter (-inf while fewer than k are held)."""

@@ -13,6 +13,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: run only the tests that take the `device` fixture (docs/gpu.md lists them), on the GPU",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace; must be set before CUDA initialises.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --device cuda, the tests that do not take `device` are CPU-only: deselected, not run twice."""
+    if config.getoption("--device") != "cuda":
+        return
+    keep = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
+@pytest.fixture
+def device(request):
+    """The device of the GPU-ready tests: cpu by default, `pytest --device cuda` for the GPU (skipped with a
+    reason where CUDA is absent). On CUDA, deterministic algorithms are on (atomics-based kernels such as
+    index_add_ / embedding backward use their deterministic variants), so bitwise claims can be checked."""
+    name = request.config.getoption("--device")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("--device cuda: no CUDA device (torch.cuda.is_available() is False); nothing to run")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        yield torch.device("cuda")
+        torch.use_deterministic_algorithms(False)
+        return
+    yield torch.device("cpu")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared, busy machine the second thread's

@@ -320,7 +320,9 @@ def test_gradient_prefilter_scores_only_candidates_and_stays_exact(exp, sides, s
 
 @pytest.mark.parametrize("model_fn, kind", [(tiny_bert, "cls"), (tiny_llama, "lm")])
 @pytest.mark.parametrize("variant", ["default", "row_sparse", "per_tensor"])
-def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypatch):
+@pytest.mark.parametrize("batched", ["never", "always"])  # streaming, and batched_topk (CUDA's default)
+def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, batched, monkeypatch):
+    monkeypatch.setattr(sel, "BATCHED_SELECTION", batched)
     if variant == "row_sparse":  # the tiny embeddings take the row path
         monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
         monkeypatch.setattr(sel, "SMALL_TENSOR", 0)
@@ -342,9 +344,11 @@ def test_engine_push_scores_equals_brute_force(model_fn, kind, variant, monkeypa
         assert torch.equal(top.result()[1], brute_force_topk(brute, k)), (variant, k)
 
 
-def test_row_sparse_fallback_when_fewer_positive_scores_than_k(monkeypatch):
+@pytest.mark.parametrize("batched", ["never", "always"])
+def test_row_sparse_fallback_when_fewer_positive_scores_than_k(batched, monkeypatch):
     """Zero-gradient rows score 0 and are eligible: when k exceeds the positive scores they are picked,
     lowest index first, exactly as the dense path would."""
+    monkeypatch.setattr(sel, "BATCHED_SELECTION", batched)
     monkeypatch.setattr(sel, "ROW_SPARSE_MIN_ENTRIES", 1)
     emb = nn.Embedding(50, 4)
     model = nn.Sequential(emb)
