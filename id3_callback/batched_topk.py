@@ -256,17 +256,5 @@ def concatenated(
     grads: list[torch.Tensor], weights: list[torch.Tensor], offsets: list[int], excluded: list[torch.Tensor]
 ) -> Segment:
     """Several (small) tensors as one segment, in global order: one op each instead of one per tensor."""
-    order = sorted(range(len(grads)), key=offsets.__getitem__)  # global order keeps `index` ascending
-    sizes = [grads[i].numel() for i in order]
-    g = torch.cat([grads[i].detach().reshape(-1) for i in order])
-    w = torch.cat([weights[i].detach().reshape(-1) for i in order])
-    bases = [0]
-    for size in sizes[:-1]:
-        bases.append(bases[-1] + size)
-    shift = torch.tensor([offsets[i] - b for i, b in zip(order, bases)], device=g.device)
-    repeats = torch.tensor(sizes, device=g.device)
-    index = torch.arange(g.numel(), device=g.device)
-    index += shift.repeat_interleave(repeats, output_size=g.numel())  # output_size: no host read
-    parts = [excluded[i] + b for i, b in zip(order, bases) if excluded[i].numel()]
-    ex = torch.cat(parts) if parts else None
+    g, w, index, ex = selection.concatenate(grads, weights, offsets, excluded)
     return Segment(g, w, excluded=ex, index=index)
