@@ -177,6 +177,25 @@ def _dense_reference(model, engine, batch):
     return torch.cat(scores), grads
 
 
+def _step_against_dense(model, engine, batch, scores, after_backward=None) -> tuple[set, int]:
+    """Backward and `engine.step()`; asserts the entries the step added are the dense top-k of `scores` up to
+    fp32 rounding ties at the cut. Returns them (global indices) and the step's k."""
+    before = {n: i.numel() for n, i in engine.unmasked.indices.items()}
+    k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
+    model(**batch).loss.backward()
+    if after_backward is not None:
+        after_backward()
+    engine.step()
+    new = {
+        int(i) + engine.plan.offsets[n]
+        for n, idx in engine.unmasked.indices.items()
+        for i in idx[before[n] :]
+    }
+    expected = brute_force_topk([scores], k)
+    assert _same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+    return new, k
+
+
 MODELS = {
     "bert": (lambda: tiny_bert(), "cls"),
     "llama": (lambda: tiny_llama(attention_bias=True), "lm"),
@@ -214,20 +233,13 @@ def test_engine_selects_the_dense_top_k_and_feeds_the_optimizer_exact_gradients(
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     for batch in token_batches(kind, steps=6):
         scores, dense_grads = _dense_reference(model, engine, batch)
-        before = {n: i.numel() for n, i in engine.unmasked.indices.items()}
-        k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
-        model(**batch).loss.backward()
-        for name in engine.bounded.layers:
-            assert engine.unmasked.params[name].grad is None  # never allocated
-        engine.step()
-        new = {
-            int(i) + engine.plan.offsets[n]
-            for n, idx in engine.unmasked.indices.items()
-            for i in idx[before[n] :]
-        }
-        expected = brute_force_topk([scores], k)
+
+        def never_allocated():
+            for name in engine.bounded.layers:
+                assert engine.unmasked.params[name].grad is None
+
+        new, k = _step_against_dense(model, engine, batch, scores, never_allocated)
         assert len(new) == k
-        assert _same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
         for name in engine.bounded.layers:  # the optimizer's gradients: the unmasked entries', to rounding
             stash = engine.unmasked.grad_stash.get(name)
             want = dense_grads[name][engine.unmasked.indices[name]]
@@ -247,17 +259,7 @@ def test_forced_uncertified_steps_are_rescored_and_counted(monkeypatch):
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     for batch in token_batches("cls", steps=5):
         scores, _ = _dense_reference(model, engine, batch)
-        before = {n: i.numel() for n, i in engine.unmasked.indices.items()}
-        k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
-        model(**batch).loss.backward()
-        engine.step()
-        new = {
-            int(i) + engine.plan.offsets[n]
-            for n, idx in engine.unmasked.indices.items()
-            for i in idx[before[n] :]
-        }
-        expected = brute_force_topk([scores], k)
-        assert _same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+        _step_against_dense(model, engine, batch, scores)
         opt.step()
         opt.zero_grad()
     assert engine.bounded.uncertified_steps == 4  # every step after the first (which verifies everything)
@@ -354,17 +356,7 @@ def test_conv1d_layers_take_the_bounded_path():
     for batch in token_batches("lm", steps=3):
         batch.pop("attention_mask")
         scores, dense_grads = _dense_reference(model, engine, batch)
-        before = {n: i.numel() for n, i in engine.unmasked.indices.items()}
-        k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
-        model(**batch).loss.backward()
-        engine.step()
-        new = {
-            int(i) + engine.plan.offsets[n]
-            for n, idx in engine.unmasked.indices.items()
-            for i in idx[before[n] :]
-        }
-        expected = brute_force_topk([scores], k)
-        assert _same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+        _step_against_dense(model, engine, batch, scores)
         for name in engine.bounded.layers:
             torch.testing.assert_close(
                 engine.unmasked.grad_stash[name],
