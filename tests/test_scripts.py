@@ -140,8 +140,8 @@ def test_glue_sst2_from_glue_dir(tmp_path, bert_dir):
     assert 0 < changed <= 500
 
 
-@pytest.mark.filterwarnings("ignore:An input array is nearly constant")
-def test_glue_stsb_regression_from_files_trains_new_head_densely(tmp_path, bert_dir):
+def train_stsb(tmp_path: Path, bert_dir: str, max_steps: int) -> Path:
+    """run_glue on a small STS-B regression from JSON-lines files (num_labels 1: a new head); its output dir."""
     texts = sentences(30, seed=1)
     rows = [
         {"sentence1": a, "sentence2": b, "label": float(i % 6)}
@@ -153,8 +153,14 @@ def test_glue_stsb_regression_from_files_trains_new_head_densely(tmp_path, bert_
     run_glue.main(
         ["--model_name_or_path", bert_dir, "--task_name", "stsb", "--output_dir", str(out)]
         + ["--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "dev.jsonl")]
-        + ["--budget", "0.01", "--max_steps", "3", "--per_device_train_batch_size", "8", *COMMON]
+        + ["--budget", "0.01", "--max_steps", str(max_steps), "--per_device_train_batch_size", "8", *COMMON]
     )
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:An input array is nearly constant")
+def test_glue_stsb_regression_from_files_trains_new_head_densely(tmp_path, bert_dir):
+    out = train_stsb(tmp_path, bert_dir, max_steps=3)
     saved = json.loads((out / "all_results.json").read_text())
     assert {"eval_pearson", "eval_spearmanr"} <= set(saved)
     # num_labels 1 replaces the 2-label head: it is new, so it trains densely (33 = 32 weights + 1 bias).

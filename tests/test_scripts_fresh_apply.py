@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from test_scripts import COMMON, bert_dir, run_glue, sentences, write_jsonl  # noqa: F401 (bert_dir: fixture)
+from test_scripts import bert_dir, train_stsb  # noqa: F401 (bert_dir: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,19 +35,7 @@ APPLY = textwrap.dedent(
 
 
 def test_glue_delta_with_a_new_head_applies_in_a_fresh_process(tmp_path, bert_dir):  # noqa: F811
-    texts = sentences(30, seed=1)
-    rows = [
-        {"sentence1": a, "sentence2": b, "label": float(i % 6)}
-        for i, (a, b) in enumerate(zip(texts, texts[1:]))
-    ]
-    write_jsonl(tmp_path / "train.jsonl", rows[:20])
-    write_jsonl(tmp_path / "dev.jsonl", rows[20:])
-    out = tmp_path / "out"
-    run_glue.main(
-        ["--model_name_or_path", bert_dir, "--task_name", "stsb", "--output_dir", str(out)]
-        + ["--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "dev.jsonl")]
-        + ["--budget", "0.01", "--max_steps", "2", "--per_device_train_batch_size", "8", *COMMON]
-    )
+    out = train_stsb(tmp_path, bert_dir, max_steps=2)
     proc = subprocess.run(
         [sys.executable, "-c", APPLY, bert_dir, str(out / "delta.safetensors")],
         capture_output=True,
