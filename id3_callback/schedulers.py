@@ -7,6 +7,7 @@ the shortfall to the next step instead of losing it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from itertools import accumulate
 
@@ -66,6 +67,19 @@ def exponential(budget: int, total_steps: int, half_life: float | None = None) -
     """
     half_life = half_life or max(total_steps / 8, 1.0)
     return _apportion(budget, [0.5 ** (t / half_life) for t in range(total_steps)])
+
+
+@register_scheduler("front_loaded")
+def front_loaded(budget: int, total_steps: int, fraction: float = 0.25) -> list[int]:
+    """Every entry joins in the first quarter of the steps (uniform there, none after): the paper's
+    scheduler ablation against spreading the budget over the whole run.
+
+    Example:
+        >>> front_loaded(10, 8)
+        [5, 5, 0, 0, 0, 0, 0, 0]
+    """
+    head = max(1, math.ceil(total_steps * fraction))
+    return uniform(budget, head) + [0] * (total_steps - head)
 
 
 class Schedule:

@@ -71,11 +71,19 @@ def test_uniform_is_the_papers_floor_plus_remainder_first():
     assert Schedule("uniform", 3, 5).counts == [1, 1, 1, 0, 0]
 
 
-@pytest.mark.parametrize("name", ["linear", "exponential"])
+@pytest.mark.parametrize("name", ["linear", "exponential", "front_loaded"])
 def test_front_loaded_schedules_are_non_increasing(name):
     counts = Schedule(name, 10_000, 40).counts
     assert counts[0] > counts[-1]
     assert all(a >= b for a, b in zip(counts, counts[1:]))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 99, 600])
+def test_front_loaded_spends_the_budget_in_the_first_quarter(steps):
+    s = Schedule("front_loaded", 1_000, steps)
+    quarter = -(-steps // 4)
+    assert s.target(quarter) == 1_000 and sum(s.counts) == 1_000
+    assert quarter == steps or s.target(quarter - 1) < 1_000
 
 
 def test_unknown_scheduler_is_named():

@@ -76,6 +76,7 @@ class MethodSpec:
     # Main phase at both budgets, or at 0.17% only. Sized to a 2-core machine: the small budget is kept for
     # ID3 and the selections the paper compares it with there (FISH, the best static one; static-S D3).
     both_budgets: bool = True
+    scheduler: str = "uniform"  # ID3Config.scheduler (study v2's ablation runs ID3 with "front_loaded")
 
 
 SPARSE_LRS = (1e-3, 2e-3, 5e-3)
@@ -92,6 +93,9 @@ METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec("full", True, False, (2e-4, 5e-4, 1e-3)),
     "id3-lora": MethodSpec("id3", True, True, (5e-4, 1e-3, 2e-3), both_budgets=False),
 }
+# Study v2 only (its scheduler ablation): ID3 with every entry unmasked in the first quarter of the steps.
+V2_ONLY_METHODS = {"id3-front": MethodSpec("id3", False, True, SPARSE_LRS, scheduler="front_loaded")}
+ALL_METHODS = {**METHODS, **V2_ONLY_METHODS}
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,14 @@ class Protocol:
     warmup: float = 0.06
     max_eval_samples: int | None = None
     fisher_samples: int = 1024  # FISH's estimate (the paper's setting); smoke runs use a few
+    tag: str = ""  # "v2" for study v2 (benchmarks/study/v2.py); v1 names stay as they were
 
     @property
     def name(self) -> str:
         extra = f"-e{self.max_eval_samples}" if self.max_eval_samples else ""
         extra += f"-f{self.fisher_samples}" if self.fisher_samples != 1024 else ""
-        return f"minilm-T{self.steps}-b{self.batch_size}-L{self.max_seq_length}{extra}"
+        tag = f"{self.tag}-" if self.tag else ""
+        return f"minilm-{tag}T{self.steps}-b{self.batch_size}-L{self.max_seq_length}{extra}"
 
 
 @dataclass(frozen=True)
@@ -324,16 +330,33 @@ def prepare_data(
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def task_score(task: str, metrics: dict) -> float | None:
+def task_score(task: str, metrics: dict, prefix: str = "eval") -> float | None:
     """The study's one number per run: accuracy (SST-2, RTE), mean of F1 and accuracy (MRPC, as in the
-    GLUE average), Matthews correlation (CoLA); x100."""
+    GLUE average), Matthews correlation (CoLA); x100. `prefix`: the metrics' key prefix (v2 also has "dev")."""
     get = metrics.get
     if task == "mrpc":
-        acc, f1 = get("eval_accuracy"), get("eval_f1")
+        acc, f1 = get(f"{prefix}_accuracy"), get(f"{prefix}_f1")
         return None if acc is None or f1 is None else 50.0 * (acc + f1)
-    name = "eval_matthews_correlation" if task == "cola" else "eval_accuracy"
+    name = f"{prefix}_matthews_correlation" if task == "cola" else f"{prefix}_accuracy"
     value = get(name)
     return None if value is None else 100.0 * value
+
+
+def majority_score(task: str, labels: list[int]) -> float:
+    """The task score of always predicting the most frequent label of `labels` (the "learns nothing" line).
+
+    Example:
+        >>> round(majority_score("mrpc", [1, 1, 0]), 2)  # acc 2/3, F1 0.8
+        73.33
+    """
+    if task == "cola":
+        return 0.0  # Matthews correlation of a constant prediction
+    top = max(set(labels), key=labels.count)
+    acc = labels.count(top) / len(labels)
+    if task == "mrpc":
+        f1 = 2 * acc / (acc + 1) if top == 1 else 0.0  # precision = acc, recall 1 on the positive class
+        return 50.0 * (acc + f1)
+    return 100.0 * acc
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -431,9 +454,15 @@ def host_info() -> dict:
 
 
 def glue_argv(
-    run: Run, protocol: Protocol, train_file: Path, eval_file: Path, output_dir: str, ctx: Context
+    run: Run,
+    protocol: Protocol,
+    train_file: Path,
+    eval_file: Path,
+    output_dir: str,
+    ctx: Context,
+    device: str = "cpu",
 ) -> list[str]:
-    spec = METHODS[run.method]
+    spec = ALL_METHODS[run.method]
     argv = [
         "--model_name_or_path", "minilm",
         "--task_name", run.task,
@@ -457,10 +486,12 @@ def glue_argv(
         "--report_to", "none",
         "--logging_steps", str(max(1, protocol.steps // 10)),
         "--disable_tqdm", "true",
-        "--use_cpu", "true",
+        "--use_cpu", "true" if device == "cpu" else "false",
         "--dataloader_num_workers", "0",
         "--do_train", "--do_eval",
     ]  # fmt: skip
+    if spec.scheduler != "uniform":
+        argv += ["--scheduler", spec.scheduler]
     if run.budget is not None:
         # A count of base-model entries, so the LoRA runs get the same number of trainable entries.
         argv += ["--budget", str(ctx.budget_count(run.budget))]
@@ -468,24 +499,63 @@ def glue_argv(
         # Dense training (full FT, dense LoRA): the Trainer's own AdamW, far cheaper than the per-entry
         # SparseAdamW on 22.7M entries and the same update when every entry trains from step 1.
         argv += ["--optimizer", "trainer"]
-    if METHODS[run.method].engine_method == "fish":
+    if spec.engine_method == "fish":
         argv += ["--fisher_samples", str(protocol.fisher_samples)]
     if protocol.max_eval_samples:
         argv += ["--max_eval_samples", str(protocol.max_eval_samples)]
     return argv
 
 
-def execute_engine(run: Run, protocol: Protocol, ctx: Context, output_dir: str) -> dict:
+def run_files(run: Run, dev: bool) -> tuple[Path, Path, Path | None]:
+    """(train, evaluation, dev) files of a run. v1: `lr` runs train on 90% and score the held-out 10%, `main`
+    runs train on everything and score dev. v2 (`dev=True`): every run trains on the 90% and is scored on both
+    the held-out 10% (to choose its learning rate) and dev (what is reported), so no run is made twice."""
+    if dev:
+        train_file, holdout_file = prepare_data(run.task, "holdout")
+        return train_file, holdout_file, prepare_data(run.task, "main")[1]
+    train_file, eval_file = prepare_data(run.task, "holdout" if run.phase == "lr" else "main")
+    return train_file, eval_file, None
+
+
+def evaluate_dev(trainer, task_name: str, dev_file: Path, protocol: Protocol) -> dict:
+    """The trained model on the dev file, tokenized as run_glue does; metrics prefixed `dev_`."""
+    from id3_callback.data import GLUE_TASKS, load_glue
+
+    task = GLUE_TASKS[task_name]
+    tokenizer = trainer.processing_class
+    max_len = min(protocol.max_seq_length, tokenizer.model_max_length)
+    raw = load_glue(task_name, validation_file=dev_file)["validation"]
+    if protocol.max_eval_samples and protocol.max_eval_samples < len(raw):
+        raw = raw.select(range(protocol.max_eval_samples))
+
+    def tokenize(batch):
+        texts = (
+            (batch["sentence1"],) if task.sentence2_key is None else (batch["sentence1"], batch["sentence2"])
+        )
+        return tokenizer(*texts, max_length=max_len, truncation=True)
+
+    ds = raw.map(tokenize, batched=True, remove_columns=[c for c in raw.column_names if c != "label"])
+    metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix="dev")
+    metrics["dev_samples"] = len(ds)
+    metrics["dev_majority"] = majority_score(task_name, list(raw["label"]))
+    return metrics
+
+
+def execute_engine(
+    run: Run, protocol: Protocol, ctx: Context, output_dir: str, dev: bool = False, device: str = "cpu"
+) -> dict:
     """One run through `run_glue.main`; `_common.finish` is wrapped to reach the trainer's engine."""
     import _common
     import run_glue
 
-    train_file, eval_file = prepare_data(run.task, "holdout" if run.phase == "lr" else "main")
-    argv = glue_argv(run, protocol, train_file, eval_file, output_dir, ctx)
+    train_file, eval_file, dev_file = run_files(run, dev)
+    argv = glue_argv(run, protocol, train_file, eval_file, output_dir, ctx, device)
     captured: dict = {}
     original = _common.finish
 
     def finish(trainer, *args, **kwargs):
+        if dev_file is not None:
+            args[1].update(evaluate_dev(trainer, run.task, dev_file, protocol))
         engine = trainer.engine
         captured.update(
             steps=engine.steps_done,
@@ -519,7 +589,9 @@ def execute_engine(run: Run, protocol: Protocol, ctx: Context, output_dir: str) 
     }
 
 
-def execute_official(run: Run, protocol: Protocol, ctx: Context, output_dir: str) -> dict:
+def execute_official(
+    run: Run, protocol: Protocol, ctx: Context, output_dir: str, dev: bool = False, device: str = "cpu"
+) -> dict:
     """The official ID3 optimizer (selective-optimizers v0.4, verbatim) in a plain Trainer.
 
     Same data, tokenization, collator, schedule and TrainingArguments as the engine runs; the new head goes
@@ -537,8 +609,8 @@ def execute_official(run: Run, protocol: Protocol, ctx: Context, output_dir: str
     from id3_callback.data import GLUE_TASKS, load_glue
     from id3_callback.metrics import load_metric
 
-    train_file, eval_file = prepare_data(run.task, "holdout" if run.phase == "lr" else "main")
-    argv = glue_argv(run, protocol, train_file, eval_file, output_dir, ctx)
+    train_file, eval_file, dev_file = run_files(run, dev)
+    argv = glue_argv(run, protocol, train_file, eval_file, output_dir, ctx, device)
     model_args, data_args, lora_args, _log_args, id3_config, training_args = _common.parse_args(
         run_glue.ARGUMENT_TYPES, argv
     )
@@ -617,6 +689,8 @@ def execute_official(run: Run, protocol: Protocol, ctx: Context, output_dir: str
     )
     metrics = dict(trainer.train().metrics)
     metrics.update(trainer.evaluate())
+    if dev_file is not None:
+        metrics.update(evaluate_dev(trainer, run.task, dev_file, protocol))
     unmasked = int(optimizer.get_budget_used()) - head_entries
     return {
         "metrics": _numbers(metrics),
@@ -639,8 +713,11 @@ def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def execute(run: Run, protocol: Protocol, ctx: Context) -> dict:
-    """Run one configuration and return its record (status 'error' with the message if it failed)."""
+def execute(run: Run, protocol: Protocol, ctx: Context, dev: bool = False, device: str = "cpu") -> dict:
+    """Run one configuration and return its record (status 'error' with the message if it failed).
+
+    `dev=True` (study v2): also score the dev set; the record gets `dev_score` and `dev_majority`, and
+    `score` stays the held-out one the learning rate is chosen by."""
 
     record = asdict(run)
     record.update(
@@ -654,12 +731,13 @@ def execute(run: Run, protocol: Protocol, ctx: Context) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if METHODS[run.method].engine_method is None:
-                out = execute_official(run, protocol, ctx, output_dir)
-            else:
-                out = execute_engine(run, protocol, ctx, output_dir)
+            runner = execute_official if ALL_METHODS[run.method].engine_method is None else execute_engine
+            out = runner(run, protocol, ctx, output_dir, dev, device)
         record.update(out)
         record["score"] = task_score(run.task, out["metrics"])
+        if dev:
+            record["dev_score"] = task_score(run.task, out["metrics"], "dev")
+            record["dev_majority"] = out["metrics"].get("dev_majority")
         record["status"] = "ok" if record["score"] is not None else "error"
         record["warnings"] = sorted({str(w.message)[:200] for w in caught if _worth_keeping(w)})
         if record["score"] is None:

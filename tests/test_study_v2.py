@@ -1,0 +1,190 @@
+"""Study v2's planner (pilots, grid extension, tiers, the ablation's lr) and its run claims, on synthetic
+results (no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study"
+sys.path.insert(0, str(STUDY))
+
+import run_study as study  # noqa: E402
+import v2  # noqa: E402
+
+MAJORITY = 50.0
+
+
+@pytest.fixture(autouse=True)
+def fixed_majority(monkeypatch):
+    monkeypatch.setattr(v2, "holdout_majority", lambda task: MAJORITY)
+
+
+def record(run: study.Run, score: float | None, status: str = "ok") -> dict:
+    return {**run.__dict__, "status": status, "score": score, "dev_score": score, "runtime_s": 1.0}
+
+
+def pilot_run(task: str, steps: int, seq: int) -> study.Run:
+    return v2.make_run(task, v2.TIERS[0][0], 0, v2.PILOT_LR, v2.protocol_for(steps, seq))
+
+
+def test_pilot_takes_the_first_horizon_where_full_fine_tuning_learns():
+    state = v2.plan([], tasks=("mrpc",))
+    assert state["horizons"]["mrpc"]["status"] == "pending"
+    assert state["ready"] == [pilot_run("mrpc", 300, 64)]  # nothing else before the horizon is known
+    records = [record(pilot_run("mrpc", 300, 64), MAJORITY + 4.9)]
+    assert v2.plan(records, tasks=("mrpc",))["ready"] == [pilot_run("mrpc", 600, 64)]
+    records.append(record(pilot_run("mrpc", 600, 64), MAJORITY + 5.0))
+    state = v2.plan(records, tasks=("mrpc",))
+    assert state["horizons"]["mrpc"]["status"] == "chosen"
+    assert state["horizons"]["mrpc"]["protocol"].name == "minilm-v2-T600-b16-L64"
+    assert all(r.protocol == "minilm-v2-T600-b16-L64" for r in state["ready"])
+    # The pilot is also the full-FT grid's (lr 5e-5, seed 0) run: it is not planned again.
+    assert pilot_run("mrpc", 600, 64) not in state["ready"]
+
+
+def test_a_task_no_horizon_teaches_is_dropped_with_its_pilots():
+    records = [record(pilot_run("rte", s, q), MAJORITY + 2) for s, q in v2.HORIZONS["rte"]]
+    state = v2.plan(records, tasks=("rte",))
+    assert state["horizons"]["rte"]["status"] == "dropped"
+    assert len(state["horizons"]["rte"]["pilots"]) == 2 and state["ready"] == []
+
+
+def test_a_failed_pilot_does_not_count_as_learning():
+    records = [record(pilot_run("sst2", 300, 64), None, status="error")]
+    assert v2.plan(records, tasks=("sst2",))["ready"] == [pilot_run("sst2", 600, 64)]
+
+
+def grid_records(task, config, protocol, peak: float, lrs) -> list[dict]:
+    """Three seeds at each lr; the held-out score falls with the distance (in ladder steps) from `peak`."""
+    ladder = config.ladder
+    out = []
+    for lr in lrs:
+        for seed in v2.SEEDS:
+            score = 80.0 - abs(ladder.index(lr) - ladder.index(peak)) + 0.1 * seed
+            out.append(record(v2.make_run(task, config, seed, lr, protocol), score))
+    return out
+
+
+def test_grid_grows_past_an_edge_until_the_best_is_interior():
+    protocol = v2.protocol_for(300, 64)
+    config = v2.TIERS[0][1]  # id3 at 0.17%: grid 1e-3, 2e-3, 5e-3
+    book = v2.Book(grid_records("sst2", config, protocol, peak=2e-4, lrs=config.grid))
+    missing, lr = v2.grid_state("sst2", config, protocol, book)
+    assert lr is None and {r.lr for r in missing} == {5e-4} and len(missing) == 3
+    book = v2.Book(grid_records("sst2", config, protocol, peak=2e-4, lrs=(*config.grid, 5e-4)))
+    missing, lr = v2.grid_state("sst2", config, protocol, book)
+    assert {r.lr for r in missing} == {2e-4}
+    # 2e-4 is the ladder's end: chosen although it is an edge.
+    book = v2.Book(grid_records("sst2", config, protocol, peak=2e-4, lrs=(*config.grid, 5e-4, 2e-4)))
+    assert v2.grid_state("sst2", config, protocol, book) == ([], 2e-4)
+    # Interior best: no extension.
+    book = v2.Book(grid_records("sst2", config, protocol, peak=2e-3, lrs=config.grid))
+    assert v2.grid_state("sst2", config, protocol, book) == ([], 2e-3)
+
+
+def test_grid_ties_go_to_the_smaller_lr_and_use_the_mean_over_seeds():
+    protocol, config = v2.protocol_for(300, 64), v2.TIERS[0][1]
+    runs = {(s, lr): v2.make_run("sst2", config, s, lr, protocol) for s in v2.SEEDS for lr in config.grid}
+    # 2e-3 wins seed 0 by a lot but loses the mean to 5e-3, an edge: the grid grows above it.
+    scores = {1e-3: (70, 70, 70), 2e-3: (90, 55, 60), 5e-3: (71, 71, 71)}
+    records = [record(runs[(s, lr)], scores[lr][s]) for (s, lr) in runs]
+    missing, lr = v2.grid_state("sst2", config, protocol, v2.Book(records))
+    assert lr is None and {r.lr for r in missing} == {1e-2}
+    # 2e-3 and 5e-3 tie on the mean: the smaller, interior, is chosen.
+    scores = {1e-3: (70, 70, 70), 2e-3: (72, 72, 72), 5e-3: (72, 72, 72)}
+    records = [record(runs[(s, lr)], scores[lr][s]) for (s, lr) in runs]
+    assert v2.grid_state("sst2", config, protocol, v2.Book(records)) == ([], 2e-3)
+
+
+def decided(tasks=("sst2", "mrpc")) -> list[dict]:
+    return [record(pilot_run(t, 300, 64), MAJORITY + 10) for t in tasks]
+
+
+def test_tiers_run_over_every_task_before_the_next_tier():
+    ready = v2.plan(decided(), tasks=("sst2", "mrpc"))["ready"]
+    tier1 = {c.method for c in v2.TIERS[0]}
+    first_other = next(i for i, r in enumerate(ready) if r.method not in tier1)
+    assert {r.task for r in ready[:first_other]} == {"sst2", "mrpc"}
+    assert all(r.method in tier1 for r in ready[:first_other])
+    assert len(ready[:first_other]) == 2 * (4 * 9 - 1)  # the pilot is the 36th full-FT run
+    assert {r.method for r in ready[first_other:]} == {
+        m for t in v2.TIERS[1:] for m in (c.method for c in t)
+    } - {"id3-front"}  # the ablation waits for ID3's lr
+
+
+def test_the_scheduler_ablation_runs_at_ids3s_chosen_lr_once_it_is_known():
+    protocol = v2.protocol_for(300, 64)
+    id3 = v2.TIERS[0][1]
+    records = decided(("sst2",)) + grid_records("sst2", id3, protocol, peak=2e-3, lrs=id3.grid)
+    state = v2.plan(records, tasks=("sst2",))
+    front = [r for r in state["ready"] if r.method == "id3-front"]
+    assert state["chosen"][("sst2", "id3", v2.BIG)] == 2e-3
+    assert [(r.seed, r.lr) for r in front] == [(0, 2e-3), (1, 2e-3), (2, 2e-3)]
+    assert study.ALL_METHODS["id3-front"].scheduler == "front_loaded"
+
+
+def test_max_tier_limits_the_plan():
+    ready = v2.plan(decided(("sst2",)), tasks=("sst2",), max_tier=1)["ready"]
+    assert {r.method for r in ready} == {c.method for c in v2.TIERS[0]}
+
+
+def test_glue_argv_carries_the_scheduler_and_the_device(tmp_path):
+    protocol = v2.protocol_for(300, 64)
+    run = v2.make_run("sst2", v2.TIERS[2][0], 0, 2e-3, protocol)
+
+    class Ctx:
+        def budget_count(self, fraction):
+            return 100
+
+    argv = study.glue_argv(run, protocol, tmp_path / "t", tmp_path / "e", str(tmp_path), Ctx(), "cuda")
+    assert argv[argv.index("--scheduler") + 1] == "front_loaded"
+    assert argv[argv.index("--use_cpu") + 1] == "false"
+    assert argv[argv.index("--max_steps") + 1] == "300"
+    plain = study.glue_argv(v2.make_run("sst2", v2.TIERS[0][1], 0, 2e-3, protocol), protocol, tmp_path / "t",
+                            tmp_path / "e", str(tmp_path), Ctx())  # fmt: skip
+    assert "--scheduler" not in plain and plain[plain.index("--use_cpu") + 1] == "true"
+
+
+def test_claims_are_exclusive_and_a_dead_owners_claim_is_taken_over(tmp_path):
+    run = pilot_run("sst2", 300, 64)
+    first = v2.claim(run, tmp_path)
+    assert first is not None and v2.claim(run, tmp_path) is None  # this process is alive
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    first.write_text(json.dumps({"pid": int(dead.stdout), "key": "x", "since": 0}))
+    second = v2.claim(run, tmp_path)
+    assert second == first and json.loads(second.read_text())["pid"] == os.getpid()
+    assert v2.claim(pilot_run("mrpc", 300, 64), tmp_path) not in (None, first)
+
+
+def test_protocol_names_parse_back():
+    assert v2._steps_seq(v2.protocol_for(600, 128).name) == (600, 128)
+    assert v2.protocol_for(600, 128).name == "minilm-v2-T600-b16-L128"
+
+
+@pytest.mark.parametrize(
+    ("task", "labels", "expected"),
+    [
+        ("sst2", [1, 1, 0, 1], 75.0),
+        ("rte", [0, 0, 1], 200 / 3),
+        ("cola", [1, 1, 0], 0.0),
+        ("mrpc", [0, 0, 1], 100 / 3),
+    ],
+)
+def test_majority_score_is_the_constant_predictors_task_score(task, labels, expected):
+    assert study.majority_score(task, labels) == pytest.approx(expected)
+
+
+def test_late_pilots_come_after_tier_one():
+    ready = v2.plan(decided(("sst2", "mrpc")))["ready"]
+    late = [i for i, r in enumerate(ready) if r.task in ("cola", "rte")]
+    assert [ready[i] for i in late] == [pilot_run("cola", 300, 64), pilot_run("rte", 600, 64)]
+    assert all(r.method in {c.method for c in v2.TIERS[0]} for r in ready[: late[0]])
+    assert ready[late[0] - 1].method in {c.method for c in v2.TIERS[0]} and late[1] == late[0] + 1
