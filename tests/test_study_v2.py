@@ -188,3 +188,58 @@ def test_late_pilots_come_after_tier_one():
     assert [ready[i] for i in late] == [pilot_run("cola", 300, 64), pilot_run("rte", 600, 64)]
     assert all(r.method in {c.method for c in v2.TIERS[0]} for r in ready[: late[0]])
     assert ready[late[0] - 1].method in {c.method for c in v2.TIERS[0]} and late[1] == late[0] + 1
+
+
+def tier_one_records(id3_gain: float) -> list[dict]:
+    """SST-2 and MRPC learned at 300 steps; tier 1 complete, every grid peaking inside; ID3 `id3_gain` dev
+    points above static-S in every (task, seed)."""
+    import report_v2  # noqa: F401  (imported here so a broken report fails this test, not collection)
+
+    out = []
+    protocol = v2.protocol_for(300, 64)
+    offsets = {"full": 5.0, "id3": id3_gain, "static": 0.0, "fish": -1.0}
+    for task in ("sst2", "mrpc"):
+        for config in v2.TIERS[0]:
+            peak = config.grid[1]
+            for lr in config.grid:
+                for seed in v2.SEEDS:
+                    run = v2.make_run(task, config, seed, lr, protocol)
+                    score = (
+                        70.0
+                        + offsets[config.method]
+                        - abs(config.ladder.index(lr) - config.ladder.index(peak))
+                    )
+                    r = record(run, score + 0.1 * seed)
+                    r.update(dev_score=score + 0.2 * seed, steps=300, budget_entries=38612, unmasked=38612)
+                    if config.budget is not None:
+                        r["updates_selectable"] = 38612 * 300 * (0.5 if config.method == "id3" else 1.0)
+                    out.append(r)
+    return out
+
+
+def test_report_re_derives_the_verdicts_from_paired_dev_scores(tmp_path):
+    import report_v2
+
+    text = report_v2.write_report(tier_one_records(id3_gain=1.0), tmp_path / "R.md")
+    assert "Partial" in text and "RESULTS_v1.md" in text
+    row = next(line for line in text.splitlines() if line.startswith("| incremental beats static"))
+    assert "n=6" in row and "p=0.031" in row and "agrees (significant)" in row
+    row = next(line for line in text.splitlines() if line.startswith("| ID3 at 0.17% beats full"))
+    assert "does NOT agree (ID3 significantly lower)" in row
+    assert (
+        "| ID3 makes half the parameter updates of a static mask (0.17%) | ≈ 0.5 | 0.500 | agrees |" in text
+    )
+    assert "**0.002: " in text  # the chosen grid value is marked
+    assert (tmp_path / "R.md").read_text() == text
+
+
+def test_report_says_not_significant_when_the_signs_disagree(tmp_path):
+    import report_v2
+
+    records = tier_one_records(id3_gain=0.0)
+    for r in records:  # ID3 above static-S on SST-2, below on MRPC
+        if r["method"] == "id3":
+            r["dev_score"] += 1.0 if r["task"] == "sst2" else -1.0
+    text = report_v2.write_report(records, tmp_path / "R.md")
+    row = next(line for line in text.splitlines() if line.startswith("| incremental beats static"))
+    assert "Δ 0.00" in row and "significant" not in row.replace("not significant", "")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Turn the study's JSONL into docs/RESULTS.md and two plots, from whatever runs are present.
+"""Study v1 (the earlier 100-step protocol): its JSONL into docs/RESULTS_v1.md and two plots, from whatever runs are present.
 
     python benchmarks/study/report.py                       # reads benchmarks/study/results.jsonl
     python benchmarks/study/report.py --results other.jsonl --out /tmp/R.md --plots /tmp
@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import run_study as study  # noqa: E402
 
-DEFAULT_OUT = ROOT / "docs" / "RESULTS.md"
+DEFAULT_OUT = ROOT / "docs" / "RESULTS_v1.md"  # study v2 writes docs/RESULTS.md (report_v2.py)
 DEFAULT_PLOTS = ROOT / "docs"
 STUDY_COMMAND = "python benchmarks/study/run_study.py --phase all --results benchmarks/study/results.jsonl"
 REPORT_COMMAND = "python benchmarks/study/report.py"
@@ -628,7 +628,10 @@ def write_report(
         else "Complete."
     )
     sections = [
-        "# ID3 on real data: a small-scale replication (all-MiniLM-L6-v2, GLUE)",
+        "# ID3 on real data: a small-scale replication (all-MiniLM-L6-v2, GLUE) — study v1, the earlier protocol",
+        "> **Superseded.** This is the 100-step protocol (v1). In 100 steps three of the four tasks were not "
+        "learned and the learning rates came from one seed, so it cannot rank the methods; the current study is "
+        "v2, [RESULTS.md](RESULTS.md). This file is kept unchanged in what it reports.",
         f"_Generated {datetime.now(UTC).isoformat(timespec='minutes')} by `{REPORT_COMMAND}` from "
         f"`{results_path}`._\n\n{status}",
         "## How it was run\n\nThe whole study is one resumable command (each finished run appends a line to the "

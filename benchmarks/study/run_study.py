@@ -5,7 +5,9 @@ One command runs everything and resumes where it stopped; each finished run appe
 
     python benchmarks/study/run_study.py --phase all --max-minutes 120     # lr, then main, then sensitivity
     python benchmarks/study/run_study.py --dry-run                         # print the plan and what is done
-    python benchmarks/study/report.py                                      # docs/RESULTS.md + plots
+    python benchmarks/study/report.py                                      # docs/RESULTS_v1.md + plots
+
+This is study v1 (100 steps; superseded by study v2, benchmarks/study/v2.py, whose runs it executes).
 
 Phases (a run is skipped when its key is already in the results file):
   lr           each method's learning rate, from a 3-value grid, on SST-2, scored on a held-out 10% slice of
@@ -45,7 +47,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 DEFAULT_RESULTS = HERE / "results.jsonl"
-DATA_CACHE = Path(tempfile.gettempdir()) / "id3-study-data-v1"
+# The prepared .jsonl files; ID3_STUDY_DATA points elsewhere (the device mode carries them to a machine
+# without ../shared: benchmarks/study/device_v2.sh).
+DATA_CACHE = Path(os.environ.get("ID3_STUDY_DATA") or Path(tempfile.gettempdir()) / "id3-study-data-v1")
 
 TASKS = ("rte", "mrpc", "cola", "sst2")
 BUDGETS = (0.0006, 0.0017)  # the paper's 103K and 320K on DeBERTa-v3-base (184M), as fractions

@@ -52,6 +52,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# This checkout's package and scripts, whatever `pip install -e` points at.
+sys.path[1:1] = [str(HERE.parents[1]), str(HERE.parents[1] / "scripts")]
 
 import run_study as study  # noqa: E402
 from run_study import Protocol, Run  # noqa: E402
@@ -301,7 +303,6 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path[:0] = [str(study.ROOT), str(study.ROOT / "scripts")]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     deadline = float(os.environ.get("ID3_STUDY_DEADLINE", "inf"))
@@ -390,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll", type=float, default=20.0, help="seconds between looks while others decide")
     p.add_argument("--smoke", action="store_true", help="4-step runs on 24 eval rows (tests the pipeline)")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument(
+        "--prepare-data", action="store_true", help="write every task's files into the data cache and exit"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tasks = tuple(t for t in args.tasks.split(",") if t)
@@ -403,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
+    if args.prepare_data:
+        for task in args.tasks:
+            for purpose in ("holdout", "main"):
+                print(*study.prepare_data(task, purpose))
+        return 0
     if "ID3_STUDY_DEADLINE" not in os.environ and args.max_minutes is not None:
         os.environ["ID3_STUDY_DEADLINE"] = str(time.time() + 60 * args.max_minutes)
     if args.worker or args.workers == 1:
