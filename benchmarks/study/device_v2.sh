@@ -20,7 +20,7 @@ if ! "$PY" -c "import selective_optimizers.wrap" 2>/dev/null; then
     timeout 60 "$PY" -m pip install -q --no-deps --target /tmp/so-site selective-optimizers==0.4 >/dev/null 2>&1 \
         || echo "official ID3 not installable here: its runs are recorded as errors" >&2
 fi
-WORKERS="${WORKERS:-12}"
+WORKERS="${WORKERS:-14}"
 MINUTES="${MINUTES:-8.5}"
 "$PY" benchmarks/study/v2.py --device cuda --workers "$WORKERS" --threads 1 --max-minutes "$MINUTES" \
     --results "$OUT/results_v2_gpu.jsonl"
