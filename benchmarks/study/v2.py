@@ -18,7 +18,7 @@ The protocol (fixed before any v2 run was made):
 - **Learning rate.** Per (task, method, budget): the grid value with the best held-out mean over seeds 0-2
   (ties: the smaller). When it sits at an edge of the grid, the next value of the method's ladder on that
   side joins the grid (3 more runs), until the best is interior or the ladder ends.
-- **Order (the cut).** Runs go in tiers, each over every task that has a horizon, so a study cut by time is
+- **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
   25% of the steps, at ID3's chosen lr; (4) ID3, static-S, FISH at 0.06%, repeat-S at 0.17%; (5) the rest
@@ -209,11 +209,13 @@ def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smok
     for number, tier in enumerate(TIERS[:max_tier]):
         if number == 1:
             ready += late
-        for task in tasks:
-            protocol = horizons[task]["protocol"]
-            if protocol is None:
-                continue
-            for config in tier:
+        # Config-major, tasks interleaved: a cut inside a tier still leaves each finished method on every task
+        # (the paired tests pair tasks), rather than every method on one task.
+        for config in tier:
+            for task in tasks:
+                protocol = horizons[task]["protocol"]
+                if protocol is None:
+                    continue
                 if config.lr_from:
                     lr = chosen.get((task, config.lr_from, config.budget))
                     if lr is None:
