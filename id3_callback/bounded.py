@@ -70,6 +70,13 @@ THREADS = 1
 TINY = 1e-20
 # The bound is computed this many entries (rows x in) at a time.
 BLOCK_ENTRIES = 1 << 20
+# The unmasked entries' gradients come from one GEMM over the rows x columns they occupy when that box holds at
+# most this many entries per unmasked one (they cluster: MiniLM mid-run, 18K entries in a 137K box), else from
+# gathered dot products. Measured on 2 cores: a GEMM entry ~40 ns at T = 1024, a gathered one ~600-1800 ns.
+BOX_FACTOR = 32
+# Tokens are dropped from a layer's products when at least this fraction contribute exactly nothing (padding,
+# and every position but the pooled one in the last layer of a classifier: 86% of MiniLM's on SST-2 16 x 64).
+DEAD_FRACTION = 1 / 16
 
 
 def slack(tokens: int) -> float:
@@ -92,6 +99,43 @@ def _group_matrix(tokens: int, groups: int, dtype: torch.dtype, device: torch.de
     """(groups x tokens) 0/1 matrix: row g marks the tokens of group g (contiguous, sizes differing by <= 1)."""
     member = torch.arange(tokens, device=device) * groups // tokens
     return (member[None, :] == torch.arange(groups, device=device)[:, None]).to(dtype)
+
+
+def live_tokens(grad: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
+    """Token rows to keep for the products gradᵀ·other (either order), or None (keep all): drops the tokens
+    whose output gradient row is all zero, when they are at least `DEAD_FRACTION` of the tokens.
+
+    Such a token adds exact zeros to every Σ_t g_ti·h_tj, so each score and gradient is the same sum over
+    fewer tokens. A zero row against a non-finite input row is kept (0·inf is NaN, and the dense path sees
+    it), and so is a non-finite gradient row (its max is NaN or inf, not 0). One pass over `grad` and one sum
+    over `other`.
+
+    Example:
+        >>> g, h = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 3.0]]), torch.ones(3, 4)
+        >>> live_tokens(g, h).tolist()
+        [0, 2]
+    """
+    dead = grad.abs().amax(1) == 0
+    if int(dead.sum()) < max(1.0, DEAD_FRACTION * grad.shape[0]):
+        return None
+    if not math.isfinite(other.sum().item()):
+        dead &= torch.isfinite(other).all(1)
+    keep = (~dead).nonzero().view(-1)
+    return keep if keep.numel() else keep.new_zeros(1)  # one dead token: every product exactly zero
+
+
+def unmasked_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(aᵀb).view(-1)[flat]: one GEMM over the rows x columns the entries occupy when that box is at most
+    `BOX_FACTOR` times their number, else gathered dot products. The same inputs give the same values."""
+    if flat.numel() == 0:
+        return a.new_empty(0)
+    cols = b.shape[1]
+    rows, row_at = torch.unique(flat // cols, return_inverse=True)
+    columns, column_at = torch.unique(flat % cols, return_inverse=True)
+    if rows.numel() * columns.numel() > BOX_FACTOR * flat.numel():
+        return gathered_products(a.t().contiguous(), b, flat)
+    box = a.index_select(1, rows).t().mm(b.index_select(1, columns))
+    return box[row_at, column_at]
 
 
 def gathered_products(a_t: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -155,9 +199,7 @@ def bounded_weight_grad(
     eps, exp = scorer.d3
     rows, cols = weight.shape
     w = weight.detach()
-    a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
-    b_cols = b
-    kept = gathered_products(a_t, b_cols, unmasked)
+    kept = unmasked_products(a, b, unmasked)
     if tau <= TINY and previous_tau is None:
         return _dense_rows(a, b, w, 0, rows, excluded, top, scorer, offset), kept
     an, bn = (group_norms(a, GROUPS), group_norms(b, GROUPS)) if norms is None else norms
@@ -187,7 +229,8 @@ def bounded_weight_grad(
         pos = torch.searchsorted(excluded, cand).clamp_(max=excluded.numel() - 1)
         cand = cand[excluded[pos] != cand]
     if cand.numel():
-        grads = sampled_products(a_t, b_cols, cand // cols, cand % cols)
+        a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
+        grads = sampled_products(a_t, b, cand // cols, cand % cols)
         scores = d3_scores(grads, w.reshape(-1)[cand], eps, exp)
         top.push_candidates(scores, cand + offset, grads)  # NaN scores (NaN weights) are dropped there
     return verified + cand.numel(), kept
@@ -358,7 +401,7 @@ class BoundedGrads:
         bp.seen.add(name)
         idx, excluded = self.unmasked.indices[name], self.sorted_unmasked(name)
         if bp.k <= 0:  # nothing to select: only the unmasked entries' gradient
-            kept = gathered_products(a.t().contiguous(), b, idx)
+            kept = unmasked_products(a, b, idx)
             self.unmasked.grad_stash[name] = kept.to(weight.dtype)
             return
         running = bp.top.values[-1].item() if bp.top.full else INELIGIBLE  # stale-low until merged: safe
@@ -486,6 +529,9 @@ class _BoundedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(tuple(range(grad_out.dim() - 1)))
         with torch.no_grad(), _threads(THREADS):
+            keep = live_tokens(g, h)
+            if keep is not None:  # tokens that add exact zeros to every product (padding, unpooled positions)
+                g, h = g.index_select(0, keep), h.index_select(0, keep)
             if kind == "linear":
                 bounded.on_backward(name, g, h, weight)
             else:
