@@ -77,6 +77,10 @@ BOX_FACTOR = 32
 # Tokens are dropped from a layer's products when at least this fraction contribute exactly nothing (padding,
 # and every position but the pooled one in the last layer of a classifier: 86% of MiniLM's on SST-2 16 x 64).
 DEAD_FRACTION = 1 / 16
+# A layer with at most this many live tokens is scored whole from GEMM rows over them (no bound): the cost model.
+# Per entry, GEMM rows cost ~0.013 ns per token plus ~2 ns of scoring, the bound ~3 ns of passes plus the
+# candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread.
+DENSE_TOKENS = 256
 
 
 def slack(tokens: int) -> float:
@@ -323,6 +327,7 @@ class _Pass:
     kept: list = field(default_factory=list)
     verified: int = 0
     masked: int = 0
+    dense_entries: int = 0  # entries of the layers scored whole by GEMM rows (few live tokens)
     recomputed: bool = False
 
 
@@ -405,10 +410,14 @@ class BoundedGrads:
             self.unmasked.grad_stash[name] = kept.to(weight.dtype)
             return
         running = bp.top.values[-1].item() if bp.top.full else INELIGIBLE  # stale-low until merged: safe
-        tau = max(bp.tau_guess, running)
-        norms = (group_norms(a, GROUPS), group_norms(b, GROUPS))
-        if not math.isfinite(norms[0].sum().item() + norms[1].sum().item()):
-            tau = 0.0  # non-finite gradients: every entry scored (they turn ineligible, as on the dense path)
+        tau, norms = max(bp.tau_guess, running), None
+        if a.shape[0] <= DENSE_TOKENS:
+            tau = 0.0  # few live tokens: GEMM rows over them cost less than the bound's passes
+            bp.dense_entries += weight.numel()
+        else:
+            norms = (group_norms(a, GROUPS), group_norms(b, GROUPS))
+            if not math.isfinite(norms[0].sum().item() + norms[1].sum().item()):
+                tau = 0.0  # non-finite gradients: every entry scored (they turn ineligible, as on the dense path)
         verified, kept = bounded_weight_grad(
             a, b, weight, idx, excluded, tau, bp.top, bp.scorer, self.offsets[name], norms
         )
@@ -473,7 +482,13 @@ class BoundedGrads:
             self.steps += 1
             self.uncertified_steps += int(bp.recomputed)
             fraction = bp.verified / max(bp.masked, 1)
-            self.last_step = {"k": bp.k, "survivors": fraction, "uncertified": bp.recomputed}
+            total = sum(module.weight.numel() for module, _ in self.layers.values())
+            self.last_step = {
+                "k": bp.k,
+                "survivors": fraction,
+                "uncertified": bp.recomputed,
+                "dense": bp.dense_entries / max(total, 1),  # share of entries scored whole by GEMM rows
+            }
             self.survivors += fraction
             self._log["steps"] += 1
             self._log["survivors"] += fraction

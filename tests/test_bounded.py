@@ -45,8 +45,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def small_layers(monkeypatch):
-    """Tiny test models: every selectable Linear takes the bounded path."""
+    """Tiny test models: every selectable Linear takes the bounded path, and the bound (not the few-tokens
+    GEMM rows) scores it."""
     monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
+    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 0)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -303,6 +305,27 @@ def test_padded_batches_drop_dead_tokens_and_still_select_the_dense_top_k(monkey
         opt.step()
         opt.zero_grad()
     assert any(keep is not None and keep.numel() < 4 * 12 for keep in dropped)
+
+
+def test_layers_with_few_live_tokens_are_scored_whole_by_gemm_rows(monkeypatch):
+    """The cost model's other branch: every entry verified from GEMM rows, so no step is ever uncertified,
+    even with a threshold guess far above the cut."""
+    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 10**6)
+    monkeypatch.setattr(bounded_mod, "MARGIN", 1e6)
+    model = tiny_bert().eval()
+    engine = _engine(model)
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
+    for batch in token_batches("cls", steps=4):
+        scores, dense_grads = _dense_reference(model, engine, batch)
+        _step_against_dense(model, engine, batch, scores)
+        assert engine.bounded.last_step["dense"] == 1.0 and engine.bounded.last_step["survivors"] == 1.0
+        for name in engine.bounded.layers:
+            assert engine.unmasked.params[name].grad is None
+            want = dense_grads[name][engine.unmasked.indices[name]]
+            torch.testing.assert_close(engine.unmasked.grad_stash[name], want, rtol=1e-4, atol=1e-6)
+        opt.step()
+        opt.zero_grad()
+    assert engine.bounded.uncertified_steps == 0
 
 
 def test_forced_uncertified_steps_are_rescored_and_counted(monkeypatch):
