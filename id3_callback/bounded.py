@@ -80,7 +80,7 @@ DEAD_FRACTION = 1 / 16
 # A layer with at most this many live tokens is scored whole from GEMM rows over them (no bound): the cost model.
 # Per entry, GEMM rows cost ~0.013 ns per token plus ~2 ns of scoring, the bound ~3 ns of passes plus the
 # candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread.
-DENSE_TOKENS = 256
+DENSE_TOKENS = 1024
 
 
 def slack(tokens: int) -> float:
@@ -129,17 +129,20 @@ def live_tokens(grad: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
 
 
 def unmasked_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """(aᵀb).view(-1)[flat]: one GEMM over the rows x columns the entries occupy when that box is at most
-    `BOX_FACTOR` times their number, else gathered dot products. The same inputs give the same values."""
-    if flat.numel() == 0:
+    """(aᵀb).view(-1)[flat]: one GEMM over the smallest box holding the entries (their rows x all columns, or
+    their rows x their columns) when it is at most `BOX_FACTOR` times their number, else gathered dot
+    products. The same inputs give the same values."""
+    n = flat.numel()
+    if n == 0:
         return a.new_empty(0)
     cols = b.shape[1]
     rows, row_at = torch.unique(flat // cols, return_inverse=True)
+    if rows.numel() * cols <= BOX_FACTOR * n:
+        return a.index_select(1, rows).t().mm(b)[row_at, flat % cols]
     columns, column_at = torch.unique(flat % cols, return_inverse=True)
-    if rows.numel() * columns.numel() > BOX_FACTOR * flat.numel():
-        return gathered_products(a.t().contiguous(), b, flat)
-    box = a.index_select(1, rows).t().mm(b.index_select(1, columns))
-    return box[row_at, column_at]
+    if rows.numel() * columns.numel() <= BOX_FACTOR * n:
+        return a.index_select(1, rows).t().mm(b.index_select(1, columns))[row_at, column_at]
+    return gathered_products(a.t().contiguous(), b, flat)
 
 
 def gathered_products(a_t: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -203,9 +206,13 @@ def bounded_weight_grad(
     eps, exp = scorer.d3
     rows, cols = weight.shape
     w = weight.detach()
+    if tau <= TINY and previous_tau is None:  # every entry from GEMM rows, the unmasked ones' values too
+        found: list[torch.Tensor] = []
+        verified = _dense_rows(a, b, w, 0, rows, excluded, top, scorer, offset, found)
+        kept = torch.empty(unmasked.numel(), dtype=a.dtype, device=a.device)
+        kept[torch.argsort(unmasked)] = torch.cat(found) if found else kept[:0]
+        return verified, kept
     kept = unmasked_products(a, b, unmasked)
-    if tau <= TINY and previous_tau is None:
-        return _dense_rows(a, b, w, 0, rows, excluded, top, scorer, offset), kept
     an, bn = (group_norms(a, GROUPS), group_norms(b, GROUPS)) if norms is None else norms
     cut = tau / slack(a.shape[0]) if tau > TINY else 0.0
     prev_cut = None if previous_tau is None else previous_tau / slack(a.shape[0])
@@ -284,9 +291,11 @@ def _dense_rows(
     top: StreamingTopK,
     scorer: TensorScorer,
     offset: int,
+    values: list | None = None,
 ) -> int:
     """Rows [r0, r1) of dW = aᵀb by one GEMM, scored into `top` like any dense gradient (zeros included, so
-    nothing is owed when fewer than k scores are positive). Returns the masked entries verified."""
+    nothing is owed when fewer than k scores are positive). Returns the masked entries verified; with a list
+    `values`, appends the GEMM's values at the `excluded` entries of these rows (in `excluded`'s order)."""
     cols = w.shape[1]
     lo, hi = torch.searchsorted(
         excluded, torch.tensor([r0 * cols, r1 * cols], device=excluded.device)
@@ -297,7 +306,10 @@ def _dense_rows(
         e0, e1 = torch.searchsorted(
             excluded, torch.tensor([s0 * cols, s1 * cols], device=excluded.device)
         ).tolist()
-        block = a[:, s0:s1].t().mm(b)
+        with _gemm_threads():
+            block = a[:, s0:s1].t().mm(b)
+        if values is not None:
+            values.append(block.view(-1)[excluded[e0:e1] - s0 * cols])
         scorer.push_flat(top, block, w[s0:s1], offset + s0 * cols, excluded[e0:e1] - s0 * cols)
     return (r1 - r0) * cols - (hi - lo)
 
@@ -510,6 +522,25 @@ def _threads(n: int):
         yield
         return
     torch.set_num_threads(n)
+    _OUTER_THREADS.append(before)
+    try:
+        yield
+    finally:
+        _OUTER_THREADS.pop()
+        torch.set_num_threads(before)
+
+
+_OUTER_THREADS: list[int] = []  # the thread counts `_threads` lowered, innermost last
+
+
+@contextlib.contextmanager
+def _gemm_threads():
+    """Inside `_threads`: the threads it took away, back for one large GEMM (no barrier-bound small ops)."""
+    if not _OUTER_THREADS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(_OUTER_THREADS[-1])
     try:
         yield
     finally:

@@ -90,7 +90,7 @@ def test_group_norm_bound_holds_for_every_entry():
     assert bool((group_norms(torch.full((4, 2), 1e-30), 2) > 0).all())  # squares summed without underflow
 
 
-@pytest.mark.parametrize("box_factor", [0, 32, 10**9])  # always gathered / the default / always the box
+@pytest.mark.parametrize("box_factor", [0, 2, 32, 10**9])  # gathered / rows x columns / rows x all (twice)
 def test_unmasked_products_are_the_gemm_entries_in_their_order(box_factor, monkeypatch):
     monkeypatch.setattr(bounded_mod, "BOX_FACTOR", box_factor)
     a, b, w, _ = _layer(seed=3)
@@ -138,7 +138,8 @@ def test_kernel_equals_brute_force_over_the_same_scores(exp, fraction, tau_of_cu
     expected = brute_force_topk([scores], k)
     cut = scores[expected[-1]].item()
     values, index, payload, n, kept = _kernel_top(a, b, w, idx, tau_of_cut * cut, k, exp=exp)
-    assert torch.equal(kept, unmasked_products(a, b, idx))
+    # tau = 0: the unmasked entries' values come from the same GEMM rows as every score
+    assert torch.equal(kept, grads[idx] if tau_of_cut == 0.0 else unmasked_products(a, b, idx))
     if fraction == 0.08 and tau_of_cut > 0:  # blocks of both kinds: scores agree to rounding
         assert _same_up_to_rounding(set(index.tolist()), set(expected.tolist()), scores, cut)
         torch.testing.assert_close(values, scores[index], rtol=1e-5, atol=0)
