@@ -111,16 +111,21 @@ def live_tokens(grad: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
 
     Such a token adds exact zeros to every Σ_t g_ti·h_tj, so each score and gradient is the same sum over
     fewer tokens. A zero row against a non-finite input row is kept (0·inf is NaN, and the dense path sees
-    it), and so is a non-finite gradient row (its max is NaN or inf, not 0). One pass over `grad` and one sum
-    over `other`.
+    it), and so is a non-finite gradient row (its max is NaN or inf, not 0). Reads `grad`'s first column, then
+    only the rows it starts with a zero, and sums `other` when there is something to drop.
 
     Example:
         >>> g, h = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 3.0]]), torch.ones(3, 4)
         >>> live_tokens(g, h).tolist()
         [0, 2]
     """
-    dead = grad.abs().amax(1) == 0
-    if int(dead.sum()) < max(1.0, DEAD_FRACTION * grad.shape[0]):
+    tokens, enough = grad.shape[0], max(1.0, DEAD_FRACTION * grad.shape[0])
+    maybe = (grad[:, 0] == 0).nonzero().view(-1)  # a dead row starts with a zero: one column read first
+    if maybe.numel() < enough:
+        return None
+    dead = torch.zeros(tokens, dtype=torch.bool, device=grad.device)
+    dead[maybe] = grad.index_select(0, maybe).abs().amax(1) == 0
+    if int(dead.sum()) < enough:
         return None
     if not math.isfinite(other.sum().item()):
         dead &= torch.isfinite(other).all(1)

@@ -106,6 +106,7 @@ def test_live_tokens_drop_exactly_the_tokens_that_add_nothing():
     g, h, *_ = _layer(seed=4, tokens=32)
     g[::2] = 0.0  # half the tokens have no output gradient
     g[6, 1] = float("nan")  # a non-finite gradient row is kept
+    g[1, 0] = 0.0  # starts with a zero, live further on: kept
     h[4, 1] = float("inf")  # a zero gradient row against a non-finite input: 0·inf is NaN, kept
     keep = live_tokens(g, h)
     assert sorted(keep.tolist()) == keep.tolist()
