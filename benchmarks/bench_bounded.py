@@ -31,6 +31,7 @@ sys.path[:0] = [
 import benchutil  # noqa: E402
 
 from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
+from id3_callback import bounded as bounded_mod  # noqa: E402
 
 
 def gsm8k_batches(tokenizer, count: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
@@ -82,6 +83,7 @@ def run_one(args, budget: float, batches: list[dict], make_model) -> dict:
                 "k": last.get("k", 0),
                 "survivors": last.get("survivors"),
                 "uncertified": bool(last.get("uncertified", False)),
+                "dense": last.get("dense"),
                 "ms": wall * 1000,
             }
         )
@@ -109,7 +111,8 @@ def markdown(result: dict) -> str:
         f"# Bounded weight gradients: survivors and certification ({s['model']}, {s['data']})",
         "",
         f"batch {s['batch']} x {s['seq']}, schedule T = {s['total_steps']}, {s['steps']} steps trained, "
-        f"{s['threads']} threads. Survivors: fraction of the bounded layers' masked entries whose exact "
+        f"{s['threads']} threads, bounded.DENSE_TOKENS = {s.get('dense_tokens')} (0: the bound scores every "
+        "layer). Survivors: fraction of the bounded layers' masked entries whose exact "
         "score was computed (a GEMM row block counts whole); step 1 (no previous cut) excluded.",
         "",
     ]
@@ -165,10 +168,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument(
+        "--dense-tokens",
+        type=int,
+        default=None,
+        help="bounded.DENSE_TOKENS for the run (0: the bound scores every layer, as in the survivor study)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", action="append", default=[], help="result JSONs to plot into docs/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.dense_tokens is not None:
+        bounded_mod.DENSE_TOKENS = args.dense_tokens
     if args.plot:
         results = [json.loads(open(p).read()) for p in args.plot]
         plot(results, os.path.join(os.path.dirname(benchutil.RESULTS), "..", "docs", "bounded_survivors.png"))
@@ -201,6 +212,7 @@ def main(argv=None) -> dict:
             "total_steps": args.total_steps,
             "steps": args.steps,
             "threads": args.threads,
+            "dense_tokens": bounded_mod.DENSE_TOKENS,
         },
         "machine": benchutil.machine(),
         "runs": runs,

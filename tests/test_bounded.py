@@ -32,8 +32,10 @@ from id3_callback.bounded import (
     bounded_weight_grad,
     gathered_products,
     group_norms,
+    live_tokens,
     sampled_products,
     slack,
+    unmasked_products,
 )
 from id3_callback.peft_utils import MODULES_TO_SAVE
 from id3_callback.selection import StreamingTopK, TensorScorer
@@ -43,8 +45,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def small_layers(monkeypatch):
-    """Tiny test models: every selectable Linear takes the bounded path."""
+    """Tiny test models: every selectable Linear takes the bounded path, and the bound (not the few-tokens
+    GEMM rows) scores it."""
     monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
+    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 0)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -86,6 +90,34 @@ def test_group_norm_bound_holds_for_every_entry():
     assert bool((group_norms(torch.full((4, 2), 1e-30), 2) > 0).all())  # squares summed without underflow
 
 
+@pytest.mark.parametrize("box_factor", [0, 2, 32, 10**9])  # gathered / rows x columns / rows x all (twice)
+def test_unmasked_products_are_the_gemm_entries_in_their_order(box_factor, monkeypatch):
+    monkeypatch.setattr(bounded_mod, "BOX_FACTOR", box_factor)
+    a, b, w, _ = _layer(seed=3)
+    rows = torch.tensor([5, 5, 2, 5, 2, 17, 2])  # clustered in 3 rows x 4 columns, in no order
+    flat = rows * 20 + torch.tensor([3, 9, 3, 0, 11, 9, 0])
+    got = unmasked_products(a, b, flat)
+    torch.testing.assert_close(got, (a.t() @ b).view(-1)[flat], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, unmasked_products(a, b, flat.clone()))  # deterministic
+    assert unmasked_products(a, b, flat[:0]).numel() == 0
+
+
+def test_live_tokens_drop_exactly_the_tokens_that_add_nothing():
+    g, h, *_ = _layer(seed=4, tokens=32)
+    g[::2] = 0.0  # half the tokens have no output gradient
+    g[6, 1] = float("nan")  # a non-finite gradient row is kept
+    g[1, 0] = 0.0  # starts with a zero, live further on: kept
+    h[4, 1] = float("inf")  # a zero gradient row against a non-finite input: 0·inf is NaN, kept
+    keep = live_tokens(g, h)
+    assert sorted(keep.tolist()) == keep.tolist()
+    assert set(keep.tolist()) == set(range(1, 32, 2)) | {4, 6}
+    want = g.t() @ h
+    got = g[keep].t() @ h[keep]
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-6)
+    assert live_tokens(torch.randn(8, 3), torch.randn(8, 4)) is None  # nothing to drop
+    assert live_tokens(torch.zeros(8, 3), torch.randn(8, 4)).tolist() == [0]  # every product zero
+
+
 @pytest.mark.parametrize("exp", [1.0, 0.0, 2.0])
 @pytest.mark.parametrize("fraction", [2.0, 0.0, 0.08])  # never a GEMM block / always / the default
 @pytest.mark.parametrize("tau_of_cut", [0.0, 0.9, 1.0])  # every tau at or below the final cut certifies
@@ -107,7 +139,8 @@ def test_kernel_equals_brute_force_over_the_same_scores(exp, fraction, tau_of_cu
     expected = brute_force_topk([scores], k)
     cut = scores[expected[-1]].item()
     values, index, payload, n, kept = _kernel_top(a, b, w, idx, tau_of_cut * cut, k, exp=exp)
-    assert torch.equal(kept, gathered_products(a.t().contiguous(), b, idx))
+    # tau = 0: the unmasked entries' values come from the same GEMM rows as every score
+    assert torch.equal(kept, grads[idx] if tau_of_cut == 0.0 else unmasked_products(a, b, idx))
     if fraction == 0.08 and tau_of_cut > 0:  # blocks of both kinds: scores agree to rounding
         assert _same_up_to_rounding(set(index.tolist()), set(expected.tolist()), scores, cut)
         torch.testing.assert_close(values, scores[index], rtol=1e-5, atol=0)
@@ -250,6 +283,51 @@ def test_engine_selects_the_dense_top_k_and_feeds_the_optimizer_exact_gradients(
         assert torch.isfinite(norm)
     metrics = engine.log_metrics()
     assert 0 < metrics["id3/bound_survivors"] <= 1 and "id3/uncertified_steps" in metrics
+
+
+def test_padded_batches_drop_dead_tokens_and_still_select_the_dense_top_k(monkeypatch):
+    """Padding and the unpooled positions of a classifier give all-zero gradient rows: dropped from the products
+    (`live_tokens`), the selection and the optimizer's gradients are still the dense path's."""
+    dropped = []
+    live = bounded_mod.live_tokens
+    monkeypatch.setattr(bounded_mod, "live_tokens", lambda g, h: dropped.append(live(g, h)) or dropped[-1])
+    model = tiny_bert().eval()
+    engine = _engine(model)
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
+    for i, batch in enumerate(token_batches("cls", steps=4)):
+        batch["attention_mask"] = batch["attention_mask"].clone()
+        batch["attention_mask"][:, 12 - 3 - i :] = 0  # the last 3-6 tokens of every row are padding
+        scores, dense_grads = _dense_reference(model, engine, batch)
+        _step_against_dense(model, engine, batch, scores)
+        for name in engine.bounded.layers:
+            stash = engine.unmasked.grad_stash.get(name)
+            torch.testing.assert_close(
+                stash, dense_grads[name][engine.unmasked.indices[name]], rtol=1e-4, atol=1e-6
+            )
+        opt.step()
+        opt.zero_grad()
+    assert any(keep is not None and keep.numel() < 4 * 12 for keep in dropped)
+
+
+def test_layers_with_few_live_tokens_are_scored_whole_by_gemm_rows(monkeypatch):
+    """The cost model's other branch: every entry verified from GEMM rows, so no step is ever uncertified,
+    even with a threshold guess far above the cut."""
+    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 10**6)
+    monkeypatch.setattr(bounded_mod, "MARGIN", 1e6)
+    model = tiny_bert().eval()
+    engine = _engine(model)
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
+    for batch in token_batches("cls", steps=4):
+        scores, dense_grads = _dense_reference(model, engine, batch)
+        _step_against_dense(model, engine, batch, scores)
+        assert engine.bounded.last_step["dense"] == 1.0 and engine.bounded.last_step["survivors"] == 1.0
+        for name in engine.bounded.layers:
+            assert engine.unmasked.params[name].grad is None
+            want = dense_grads[name][engine.unmasked.indices[name]]
+            torch.testing.assert_close(engine.unmasked.grad_stash[name], want, rtol=1e-4, atol=1e-6)
+        opt.step()
+        opt.zero_grad()
+    assert engine.bounded.uncertified_steps == 0
 
 
 def test_forced_uncertified_steps_are_rescored_and_counted(monkeypatch):
