@@ -426,7 +426,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--variants", default="full,id3,id3_low_memory,id3_dense_grads,lora,official,full_copy"
+        "--variants", default="full,id3,id3_bounded,id3_low_memory,id3_dense_grads,lora,official,full_copy"
     )
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timers synchronize CUDA)")
