@@ -130,6 +130,22 @@ def build_model(model_args, data_args, lora_args, id3_config: ID3Config):
     return model
 
 
+def tokenize_function(tokenizer, task, max_len: int, padding: bool | str = False):
+    """The batched `Dataset.map` function for a GLUE task: one sentence or a pair, truncated to `max_len`.
+
+    Example:
+        >>> ds.map(tokenize_function(tokenizer, GLUE_TASKS["mrpc"], 128), batched=True)  # doctest: +SKIP
+    """
+
+    def tokenize(batch):
+        texts = (
+            (batch["sentence1"],) if task.sentence2_key is None else (batch["sentence1"], batch["sentence2"])
+        )
+        return tokenizer(*texts, padding=padding, max_length=max_len, truncation=True)
+
+    return tokenize
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, lora_args, log_args, id3_config, training_args = _common.parse_args(
         ARGUMENT_TYPES, argv
@@ -158,12 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_args, data_args, lora_args, id3_config)
     max_len = min(data_args.max_seq_length, tokenizer.model_max_length)
     padding = "max_length" if data_args.pad_to_max_length else False
-
-    def tokenize(batch):
-        texts = (
-            (batch["sentence1"],) if task.sentence2_key is None else (batch["sentence1"], batch["sentence2"])
-        )
-        return tokenizer(*texts, padding=padding, max_length=max_len, truncation=True)
+    tokenize = tokenize_function(tokenizer, task, max_len, padding)
 
     def prepare(split: str, limit: int | None, shuffle: bool):
         if split not in raw:

@@ -165,7 +165,7 @@ def test_claims_are_exclusive_and_a_dead_owners_claim_is_taken_over(tmp_path):
 
 
 def test_protocol_names_parse_back():
-    assert v2._steps_seq(v2.protocol_for(600, 128).name) == (600, 128)
+    assert v2.protocol_named(v2.protocol_for(600, 128).name) == v2.protocol_for(600, 128)
     assert v2.protocol_for(600, 128).name == "minilm-v2-T600-b16-L128"
 
 

@@ -11,10 +11,8 @@ chosen by the held-out mean over seeds (benchmarks/study/v2.py); the paired test
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +25,8 @@ import report as v1  # noqa: E402
 import run_study as study  # noqa: E402
 import v2  # noqa: E402
 from report import fmt, fmt_p, table  # noqa: E402
+
+from id3_callback.io import atomic_write  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "RESULTS.md"
 SHARED_LRS = (1e-3, 2e-3, 5e-3)  # every sparse method's starting grid: the matched-lr comparisons
@@ -76,7 +76,8 @@ def horizon_table(horizons: dict) -> str:
     for task, h in horizons.items():
         majority = v2.holdout_majority(task)
         for r in h["pilots"]:
-            steps, seq = v2._steps_seq(r["protocol"])
+            protocol = v2.protocol_named(r["protocol"])
+            steps, seq = protocol.steps, protocol.max_seq_length
             ok = r.get("status") == "ok"
             learned = ok and r["score"] >= majority + v2.MARGIN
             rows.append([task, str(steps), str(seq), fmt(r.get("score")) if ok else r.get("status", "?"),
@@ -210,7 +211,7 @@ def updates_table(records: list[dict]) -> tuple[str, float | None]:
     return table(["method", "protocol", "B", "final unmasked", "updates ÷ static-S", "runs"], rows), ratio
 
 
-def verdicts(comps: dict, matched: dict, ratio: float | None, scores: dict) -> str:
+def verdicts(comps: dict, ratio: float | None, scores: dict) -> str:
     lines = ["| claim | paper (DeBERTa-v3-base) | here (MiniLM, v2) | verdict |", "|---|---|---|---|"]
 
     def row(claim, paper, c, verdict_fn):
@@ -278,7 +279,7 @@ def write_report(records: list[dict], out: Path, smoke: bool = False) -> str:
     horizons, chosen = state["horizons"], state["chosen"]
     results, scores = results_table(records, horizons, chosen)
     comps_text, comps = comparisons_table(scores)
-    matched_text, matched = matched_lr_table(records, horizons)
+    matched_text, _ = matched_lr_table(records, horizons)
     updates_text, ratio = updates_table(records)
     ok = [r for r in records if r.get("status") == "ok"]
     errors = [r for r in records if r.get("status") != "ok"]
@@ -367,17 +368,13 @@ pairs the smallest possible p is 2/2^n (n = 6, two tasks x three seeds: 0.031), 
 in every pair can reach it at small n.
 The paper's numbers are DeBERTa-v3-base GLUE averages under much longer training: compare direction only.
 
-{verdicts(comps, matched, ratio, scores)}
+{verdicts(comps, ratio, scores)}
 
 ## Failed runs
 
 {chr(10).join(f"- {r['task']} {r['method']} {r.get('budget')} seed {r['seed']} lr {r['lr']:g}: {r.get('error', '')[:200]}" for r in errors) or "None."}
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return text
 
 

@@ -523,21 +523,16 @@ def run_files(run: Run, dev: bool) -> tuple[Path, Path, Path | None]:
 
 def evaluate_dev(trainer, task_name: str, dev_file: Path, protocol: Protocol) -> dict:
     """The trained model on the dev file, tokenized as run_glue does; metrics prefixed `dev_`."""
+    import run_glue
+
     from id3_callback.data import GLUE_TASKS, load_glue
 
-    task = GLUE_TASKS[task_name]
     tokenizer = trainer.processing_class
     max_len = min(protocol.max_seq_length, tokenizer.model_max_length)
     raw = load_glue(task_name, validation_file=dev_file)["validation"]
     if protocol.max_eval_samples and protocol.max_eval_samples < len(raw):
         raw = raw.select(range(protocol.max_eval_samples))
-
-    def tokenize(batch):
-        texts = (
-            (batch["sentence1"],) if task.sentence2_key is None else (batch["sentence1"], batch["sentence2"])
-        )
-        return tokenizer(*texts, max_length=max_len, truncation=True)
-
+    tokenize = run_glue.tokenize_function(tokenizer, GLUE_TASKS[task_name], max_len)
     ds = raw.map(tokenize, batched=True, remove_columns=[c for c in raw.column_names if c != "label"])
     metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix="dev")
     metrics["dev_samples"] = len(ds)
@@ -557,9 +552,9 @@ def execute_engine(
     captured: dict = {}
     original = _common.finish
 
-    def finish(trainer, *args, **kwargs):
+    def finish(trainer, output_dir, metrics, *args, **kwargs):
         if dev_file is not None:
-            args[1].update(evaluate_dev(trainer, run.task, dev_file, protocol))
+            metrics.update(evaluate_dev(trainer, run.task, dev_file, protocol))
         engine = trainer.engine
         captured.update(
             steps=engine.steps_done,
@@ -569,7 +564,7 @@ def execute_engine(
             changed_entries=None if run.lora else ctx.changed_entries(trainer.model),
             loss_curve=[h["loss"] for h in trainer.state.log_history if "loss" in h],
         )
-        return original(trainer, *args, **kwargs)
+        return original(trainer, output_dir, metrics, *args, **kwargs)
 
     _common.finish = finish
     try:
@@ -625,13 +620,9 @@ def execute_official(
     model = run_glue.build_model(
         model_args, data_args, lora_args, id3_config
     )  # sets id3_config.dense: the head
-    max_len = min(protocol.max_seq_length, tokenizer.model_max_length)
-
-    def tokenize(batch):
-        texts = (
-            (batch["sentence1"],) if task.sentence2_key is None else (batch["sentence1"], batch["sentence2"])
-        )
-        return tokenizer(*texts, max_length=max_len, truncation=True)
+    tokenize = run_glue.tokenize_function(
+        tokenizer, task, min(protocol.max_seq_length, tokenizer.model_max_length)
+    )
 
     def prepare(ds, limit=None):
         if limit is not None and limit < len(ds):

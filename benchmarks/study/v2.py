@@ -276,11 +276,7 @@ def claim(run: Run, claims: Path) -> Path | None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                owner = json.loads(path.read_text())["pid"]
-            except (OSError, ValueError, KeyError):
-                owner = None
-            if owner is not None and _alive(owner):
+            if _alive(_owner(path)):
                 return None
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -291,13 +287,15 @@ def claim(run: Run, claims: Path) -> Path | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
@@ -312,7 +310,7 @@ def worker(args: argparse.Namespace) -> int:
     while True:
         records = study.load_results(args.results)
         state = plan(records, args.tasks, args.max_tier, args.smoke)
-        protocols = {r.protocol: protocol_for(*_steps_seq(r.protocol), args.smoke) for r in state["ready"]}
+        protocols = {r.protocol: protocol_named(r.protocol, args.smoke) for r in state["ready"]}
         taken = None
         for run in state["ready"]:
             expected = study.expected_seconds(records, run.method, protocols[run.protocol])
@@ -351,16 +349,27 @@ def worker(args: argparse.Namespace) -> int:
             os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def _owner(path: Path) -> int:
+def _owner(path: Path) -> int | None:
+    """The pid in a claim file, or None when it cannot be read."""
     try:
         return int(json.loads(path.read_text())["pid"])
     except (OSError, ValueError, KeyError):
-        return -1
+        return None
 
 
-def _steps_seq(protocol_name: str) -> tuple[int, int]:
-    parts = dict((p[0], p[1:]) for p in protocol_name.split("-") if p[:1] in "TL" and p[1:].isdigit())
-    return int(parts["T"]), int(parts["L"])
+def protocol_named(name: str, smoke: bool = False) -> Protocol:
+    """The candidate horizon's protocol of that name (a run's key holds only the name).
+
+    Example:
+        >>> protocol_named("minilm-v2-T600-b16-L128").max_seq_length
+        128
+    """
+    for candidates in HORIZONS.values():
+        for steps, seq in candidates:
+            protocol = protocol_for(steps, seq, smoke)
+            if protocol.name == name:
+                return protocol
+    raise KeyError(f"no candidate horizon is named {name!r}")
 
 
 def dry_run(args: argparse.Namespace) -> int:
