@@ -243,3 +243,18 @@ def test_report_says_not_significant_when_the_signs_disagree(tmp_path):
     text = report_v2.write_report(records, tmp_path / "R.md")
     row = next(line for line in text.splitlines() if line.startswith("| incremental beats static"))
     assert "Δ 0.00" in row and "significant" not in row.replace("not significant", "")
+
+
+def test_a_claim_is_never_visible_before_its_owner_is_written(tmp_path, monkeypatch):
+    """The claim appears by hard link of a complete temp file, so a reader never finds it without an owner."""
+    seen = []
+    real_link = os.link
+
+    def link(src, dst):
+        seen.append(json.loads(Path(src).read_text())["pid"])
+        return real_link(src, dst)
+
+    monkeypatch.setattr(v2.os, "link", link)
+    path = v2.claim(pilot_run("sst2", 300, 64), tmp_path)
+    assert seen == [os.getpid()] and v2._owner(path) == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the temp file is gone

@@ -269,22 +269,29 @@ def claims_dir(results: Path) -> Path:
 
 
 def claim(run: Run, claims: Path) -> Path | None:
-    """Create the run's claim file exclusively; take over a claim whose process is gone."""
+    """Create the run's claim file exclusively; take over a claim whose process is gone.
+
+    The claim is written to a temp file and hard-linked into place: the link fails if the claim exists, and
+    a claim is complete the moment it exists. (Created empty and then written, a claim read in between had
+    no owner yet, so another worker would have taken it over and run the same configuration.)
+    """
     claims.mkdir(exist_ok=True)
     path = claims / (hashlib.sha1(repr(run.key()).encode()).hexdigest()[:16] + ".json")
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _alive(_owner(path)):
-                return None
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"pid": os.getpid(), "key": repr(run.key()), "since": time.time()}, fh)
-        return path
-    return None
+    tmp = claims / f".{path.stem}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "key": repr(run.key()), "since": time.time()}))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                if _alive(_owner(path)):
+                    return None
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int | None) -> bool:
