@@ -200,15 +200,15 @@ def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smok
     """Everything the workers and the report need: per task its horizon decision, and the runs that can
     start now, in priority order (SST-2's and MRPC's pilots, tier 1, the other pilots, then tier by tier over the tasks)."""
     book = Book(records)
-    horizons, ready, late, blocked = {}, [], [], 0
+    horizons, early, late, blocked = {}, [], [], 0
     for task in tasks:
         status, protocol, needed, seen = pilot(task, book, smoke)
         horizons[task] = {"status": status, "protocol": protocol, "pilots": seen}
-        (ready if task in EARLY_PILOTS else late).extend(needed)
+        (early if task in EARLY_PILOTS else late).extend(needed)
     chosen: dict[tuple[str, str, float | None], float] = {}
-    for number, tier in enumerate(TIERS[:max_tier]):
-        if number == 1:
-            ready += late
+    by_tier: list[list[Run]] = []
+    for tier in TIERS[:max_tier]:
+        runs: list[Run] = []
         # Config-major, tasks interleaved: a cut inside a tier still leaves each finished method on every task
         # (the paired tests pair tasks), rather than every method on one task.
         for config in tier:
@@ -221,15 +221,17 @@ def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smok
                     if lr is None:
                         blocked += 1
                         continue
-                    runs = [make_run(task, config, s, lr, protocol) for s in SEEDS]
-                    ready += [r for r in runs if book.get(r) is None]
+                    seeds = [make_run(task, config, s, lr, protocol) for s in SEEDS]
+                    runs += [r for r in seeds if book.get(r) is None]
                     continue
                 missing, lr = grid_state(task, config, protocol, book)
-                ready += missing
+                runs += missing
                 if lr is not None:
                     chosen[(task, config.method, config.budget)] = lr
-    if max_tier <= 1:
-        ready += late
+        by_tier.append(runs)
+    ready = (
+        early + [r for runs in by_tier[:1] for r in runs] + late + [r for runs in by_tier[1:] for r in runs]
+    )
     return {"horizons": horizons, "ready": ready, "chosen": chosen, "blocked": blocked}
 
 
