@@ -285,7 +285,8 @@ def resolve_plan(
     embedding gradients: an explicit True or False is honoured where possible (True that cannot apply warns);
     None means on under the Trainer (`settings.grads_through_engine`) and in low-memory mode, where the
     hooks free `p.grad` in backward so the loop never sees the layout. Pointwise recomputation: None means
-    on exactly in low-memory mode.
+    on exactly in low-memory mode and on the bounded path (with no dense gradient left, the saved
+    activations are what stands between it and LoRA's peak).
     """
     selectable_entries = sum(p.numel() for p in selectable.values())
     dense_entries = sum(p.numel() for p in dense.values())
@@ -351,7 +352,8 @@ def resolve_plan(
         tied_tables=MappingProxyType(
             tied_output_candidates(model, selectable, selection.ROW_SPARSE_MIN_ENTRIES)
         ),
-        recompute=low_memory if recompute is None else bool(recompute),
+        # None: on wherever the plan aims at LoRA's memory (low-memory mode, bounded weight gradients)
+        recompute=(low_memory or bool(bounded)) if recompute is None else bool(recompute),
         row_sparse_scoring=frozenset(
             n
             for n, p in selectable.items()

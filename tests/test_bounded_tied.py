@@ -87,6 +87,7 @@ def _dense_reference(model, engine, batch):
     ref = copy.deepcopy(model)
     for module in ref.modules():
         module.__dict__.pop("forward", None)
+        module._forward_pre_hooks.clear()
         module._forward_hooks.clear()
     ref(**batch).loss.backward()
     params = dict(ref.named_parameters())
