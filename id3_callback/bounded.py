@@ -20,6 +20,10 @@ usual and, instead of dW:
   clipping read when `p.grad` is None): from the GEMM rows, or from one GEMM over the box of rows x columns
   the unmasked entries cluster in (`unmasked_products`). The weight's `p.grad` is never allocated.
 
+An output layer whose weight is also the input embedding table (most causal LMs) is one of these layers
+for every row outside the step's input tokens; `bounded_tied.py` scores the token rows, whose gradient
+also has the embedding's part, at `step()` (`BoundedGrads.finish_backward`).
+
 **Exactness is certified.** Verified entries go into one running top-k per backward (`_Pass.top`). Its k-th
 value c_run only grows as entries arrive, and the step's final cut c (after every other tensor is scored too)
 is at least c_run. A layer is scored with τ = max(τ_guess, c_run), τ_guess a margin below last step's cut. An
