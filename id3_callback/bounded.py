@@ -293,7 +293,9 @@ def _block_hits(
         and bn.is_contiguous()
         and w.is_contiguous()
     ):  # the same comparisons, fused: no bound block written and read back
-        return native.bound_hits(an, bn, w, r0, r1, exp, low, low if exp == 0 else low * eps)
+        hits = native.bound_hits(an, bn, w, r0, r1, exp, low, low if exp == 0 else low * eps)
+        if hits is not None:
+            return hits
     block = torch.mm(an[:, r0:r1].t(), bn, out=bound[:n].view(r1 - r0, cols)).view(-1)
     if exp == 0:
         values, level = block, low

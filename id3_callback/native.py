@@ -167,13 +167,14 @@ def bound_hits(
     exp: float,
     low: float,
     level: float,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """`bounded._block_hits` for exp 0 or 1 in one pass, no bound-sized temporary: sorted block-local
-    positions of rows [r0, r1) whose group bound reaches the level. `bn` and `weight` contiguous."""
+    positions of rows [r0, r1) whose group bound reaches the level (None: over 64 groups). `bn` and `weight`
+    contiguous. Rows whose largest possible bound stays below the level are skipped without reading them."""
     cols = weight.shape[1]
     pos = torch.empty((r1 - r0) * cols, dtype=torch.long)
     found = library().id3_bound_hits(
         an.data_ptr(), an.stride(0), bn.data_ptr(), bn.shape[0], cols, weight.data_ptr(), r0, r1, int(exp),
         low, level, pos.data_ptr(),
     )  # fmt: skip
-    return pos[:found].clone()
+    return None if found < 0 else pos[:found].clone()

@@ -87,12 +87,24 @@ int64_t id3_score_block(const float *g, const float *w, int64_t n, const int64_t
    entries whose bound Σ_g an[g, i]·bn[g, j] may reach the level, written to `pos`; returns their number.
    `an` is G x rows (row stride an_stride), `bn` G x cols contiguous. exp 0: bound >= level; exp 1:
    bound - low·|w| >= level (level = low·eps): the comparisons of the torch code, whose 1e-5 margin covers
-   any order of summing the G products. `acc` is scratch of `cols` floats. */
+   any order of summing the G products. At most 64 groups (else -1). */
 int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int64_t groups, int64_t cols,
                        const float *w, int64_t r0, int64_t r1, int exp, float low, float level, int64_t *pos) {
-    enum { STRIP = 32 }; /* 4 AVX registers of sums, kept in registers across the G products */
+    enum { STRIP = 32, MAX_GROUPS = 64 }; /* STRIP: 4 AVX registers of sums, kept across the G products */
+    float peak[MAX_GROUPS];
     int64_t found = 0;
+    if (groups > MAX_GROUPS) return -1;
+    for (int64_t g = 0; g < groups; g++) {
+        float m = 0.0f;
+        for (int64_t j = 0; j < cols; j++) m = bn[g * cols + j] > m ? bn[g * cols + j] : m;
+        peak[g] = m;
+    }
     for (int64_t i = r0; i < r1; i++) {
+        /* No entry of row i can reach the level when Σ_g an[g, i]·max_j bn[g, j] (>= each bound, and the
+           bound minus low·|w| is not larger) stays below it by more than its rounding: skip the row unread. */
+        float row_peak = 0.0f;
+        for (int64_t g = 0; g < groups; g++) row_peak += an[g * an_stride + i] * peak[g];
+        if (row_peak * 1.0001f < level) continue;
         const float *wr = w + i * cols;
         int64_t base = (i - r0) * cols;
         for (int64_t j0 = 0; j0 < cols; j0 += STRIP) {
