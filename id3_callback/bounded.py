@@ -20,6 +20,16 @@ usual and, instead of dW:
   clipping read when `p.grad` is None): from the GEMM rows, or from one GEMM over the box of rows x columns
   the unmasked entries cluster in (`unmasked_products`). The weight's `p.grad` is never allocated.
 
+Native kernels (`native.py`, plain C compiled on first use): the live-token scan, the scoring of GEMM row
+blocks (one pass that hands the running top-k only the entries at or above its k-th value) and the group
+bound (one pass, rows that cannot reach the level skipped). The first two give the torch code's results
+bitwise (kept tokens; scores, gradients and top-k). The bound sums its G products in another order than the
+torch GEMM, so its candidate set could differ from the torch code's for an entry within float rounding of the
+level (1e-5 below the cut). Both sets hold every entry scoring >= τ, so an entry in one only scores below the
+cut and is never selected; the top-k can differ only if it tips a row block over `DENSE_FRACTION` (GEMM rather
+than gathered products: other roundings). tests/test_native.py checks the whole path bitwise on random layers. The torch code runs wherever they do not apply
+(`ID3_NATIVE=0`, no compiler, exp other than 0 or 1, a block with a non-finite score).
+
 **Exactness is certified.** Verified entries go into one running top-k per backward (`_Pass.top`). Its k-th
 value c_run only grows as entries arrive, and the step's final cut c (after every other tensor is scored too)
 is at least c_run. A layer is scored with τ = max(τ_guess, c_run), τ_guess a margin below last step's cut. An
@@ -84,7 +94,10 @@ BOX_FACTOR = 32
 DEAD_FRACTION = 1 / 16
 # A layer with at most this many live tokens is scored whole from GEMM rows over them (no bound): the cost model.
 # Per entry, GEMM rows cost ~0.013 ns per token plus ~2 ns of scoring, the bound ~3 ns of passes plus the
-# candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread.
+# candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread. With the
+# native kernels (scoring ~0.3 ns, bound ~1.3 ns per entry) GEMM rows still win on MiniLM 16 x 64 (~220 live
+# tokens): step 0.944x full FT against 0.956x for the bound with 16 groups and 0.98-1.02x with 1 group or a
+# lower margin (the survivors' gathered products and the re-scoring of uncertified steps dominate there).
 DENSE_TOKENS = 1024
 # The native block scorer hands over at most this many (or k) candidates; a block with more is scored by the
 # torch code (early in a step, while the running k-th value is still low).
