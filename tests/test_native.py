@@ -18,7 +18,10 @@ from id3_callback.bounded import bounded_weight_grad, live_tokens, push_block
 from id3_callback.selection import StreamingTopK, TensorScorer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch code runs")
+needs_native = pytest.mark.skipif(
+    native.library() is None,
+    reason="native kernels unavailable (no compiler, or ID3_NATIVE=0): the torch code runs",
+)
 
 
 def both(monkeypatch, fn, calls=None):
