@@ -13,8 +13,9 @@ Variants: full fine-tuning with fused AdamW, and a second, identical copy of it 
 `full` shows how far two identical variants drift apart here, the resolution of every other ratio); ID3
 standard and low-memory mode (SparseAdamW, row-sparse embedding gradients as ID3Trainer sets them by
 default), and ID3 with a dense embedding gradient (`id3_dense_grads`, what the row-sparse backward saves);
-peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers` 0.4 ID3 when importable
-(optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
+ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
+kernels, ID3_NATIVE=0); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
+0.4 ID3 when importable (optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
 PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
 optimizer step + zero_grad. ID3 starts mid-schedule (step T/2, half the budget unmasked, chosen by
 D3 on a warm-up batch), where its per-step work is typical; the official ID3 starts at step 0 (its
@@ -63,8 +64,11 @@ class Variant:
 
     def __init__(self, name: str, model, optimizer, engine: ID3Engine | None = None) -> None:
         self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
+        # `id3_bounded_torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
+        self.native = "0" if name == "id3_bounded_torch" else "1"
 
     def step(self, batch: dict) -> dict[str, float]:
+        os.environ["ID3_NATIVE"] = self.native  # read at each kernel call: variants interleave in one process
         t0 = now()
         self.model(**batch).loss.backward()
         t1 = now()
@@ -111,7 +115,14 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
         if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
             variants.append(Variant(name, model, opt))
-        elif name in ("id3", "id3_low_memory", "id3_dense_grads", "id3_bounded", "id3_bounded_keep"):
+        elif name in (
+            "id3",
+            "id3_low_memory",
+            "id3_dense_grads",
+            "id3_bounded",
+            "id3_bounded_torch",
+            "id3_bounded_keep",
+        ):
             # Row-sparse embedding gradients as ID3Trainer sets them by default; `id3_dense_grads` without.
             # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads), with
             # its default pointwise recomputation; `id3_bounded_keep`: without it.

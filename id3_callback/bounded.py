@@ -24,6 +24,16 @@ An output layer whose weight is also the input embedding table (most causal LMs)
 for every row outside the step's input tokens; `bounded_tied.py` scores the token rows, whose gradient
 also has the embedding's part, at `step()` (`BoundedGrads.finish_backward`).
 
+Native kernels (`native.py`, plain C compiled on first use): the live-token scan, the scoring of GEMM row
+blocks (one pass that hands the running top-k only the entries at or above its k-th value) and the group
+bound (one pass, rows that cannot reach the level skipped). The first two give the torch code's results
+bitwise (kept tokens; scores, gradients and top-k). The bound sums its G products in another order than the
+torch GEMM, so its candidate set could differ from the torch code's for an entry within float rounding of the
+level (1e-5 below the cut). Both sets hold every entry scoring >= τ, so an entry in one only scores below the
+cut and is never selected; the top-k can differ only if it tips a row block over `DENSE_FRACTION` (GEMM rather
+than gathered products: other roundings). tests/test_native.py checks the whole path bitwise on random layers. The torch code runs wherever they do not apply
+(`ID3_NATIVE=0`, no compiler, exp other than 0 or 1, a block with a non-finite score).
+
 **Exactness is certified.** Verified entries go into one running top-k per backward (`_Pass.top`). Its k-th
 value c_run only grows as entries arrive, and the step's final cut c (after every other tensor is scored too)
 is at least c_run. A layer is scored with τ = max(τ_guess, c_run), τ_guess a margin below last step's cut. An
@@ -58,7 +68,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from . import selection
+from . import native, selection
 from .masks import UnmaskedSet
 from .scores import d3_scores
 from .selection import INELIGIBLE, StreamingTopK, TensorScorer, at_least
@@ -88,8 +98,14 @@ BOX_FACTOR = 32
 DEAD_FRACTION = 1 / 16
 # A layer with at most this many live tokens is scored whole from GEMM rows over them (no bound): the cost model.
 # Per entry, GEMM rows cost ~0.013 ns per token plus ~2 ns of scoring, the bound ~3 ns of passes plus the
-# candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread.
+# candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread. With the
+# native kernels (scoring ~0.3 ns, bound ~1.3 ns per entry) GEMM rows still win on MiniLM 16 x 64 (~220 live
+# tokens): step 0.944x full FT against 0.956x for the bound with 16 groups and 0.98-1.02x with 1 group or a
+# lower margin (the survivors' gathered products and the re-scoring of uncertified steps dominate there).
 DENSE_TOKENS = 1024
+# The native block scorer hands over at most this many (or k) candidates; a block with more is scored by the
+# torch code (early in a step, while the running k-th value is still low).
+NATIVE_CAP = 1 << 14
 
 
 def slack(tokens: int) -> float:
@@ -129,6 +145,8 @@ def live_tokens(grad: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
         [0, 2]
     """
     tokens, enough = grad.shape[0], max(1.0, DEAD_FRACTION * grad.shape[0])
+    if native.library() is not None and native.takes(grad, other):
+        return native.live_rows(grad, other, enough)  # the same rows, in one pass over the two
     maybe = (grad[:, 0] == 0).nonzero().view(-1)  # a dead row starts with a zero: one column read first
     if maybe.numel() < enough:
         return None
@@ -283,8 +301,19 @@ def _block_hits(
     n = (r1 - r0) * cols
     if cut <= 0.0:
         return torch.arange(n, device=w.device)
-    block = torch.mm(an[:, r0:r1].t(), bn, out=bound[:n].view(r1 - r0, cols)).view(-1)
     low = cut * (1 - 1e-5)
+    if (
+        exp in (0.0, 1.0)
+        and native.library() is not None
+        and native.takes(an, bn, w)
+        and an.stride(1) == 1
+        and bn.is_contiguous()
+        and w.is_contiguous()
+    ):  # the same comparisons, fused: no bound block written and read back
+        hits = native.bound_hits(an, bn, w, r0, r1, exp, low, low if exp == 0 else low * eps)
+        if hits is not None:
+            return hits
+    block = torch.mm(an[:, r0:r1].t(), bn, out=bound[:n].view(r1 - r0, cols)).view(-1)
     if exp == 0:
         values, level = block, low
     elif exp == 1:
@@ -324,8 +353,38 @@ def _dense_rows(
             block = a[:, s0:s1].t().mm(b)
         if values is not None:
             values.append(block.view(-1)[excluded[e0:e1] - s0 * cols])
-        scorer.push_flat(top, block, w[s0:s1], offset + s0 * cols, excluded[e0:e1] - s0 * cols)
+        push_block(top, scorer, block, w[s0:s1], offset + s0 * cols, excluded[e0:e1] - s0 * cols)
     return (r1 - r0) * cols - (hi - lo)
+
+
+def push_block(
+    top: StreamingTopK,
+    scorer: TensorScorer,
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    offset: int,
+    excluded: torch.Tensor,
+) -> None:
+    """`scorer.push_flat(top, grad, weight, offset, excluded)` for a contiguous block, by the native kernel
+    when it applies: once `top` is full only entries >= its k-th value can enter, and the kernel scores the
+    block in one pass and hands over just those (the same scores and gradients, so the same top-k). Otherwise,
+    or if the kernel declines the block (too many candidates, a non-finite score), the torch code."""
+    eps, exp = scorer.d3
+    if (
+        top.full
+        and exp in (0.0, 1.0)
+        and scorer.inv_scale == 1.0
+        and native.library() is not None
+        and native.takes(grad, weight)
+        and grad.is_contiguous()
+        and weight.is_contiguous()
+    ):
+        found = native.score_block(grad, weight, excluded, exp, eps, top._kth[0], max(NATIVE_CAP, top.k))
+        if found is not None:
+            position, score, value = found
+            top.push_candidates(score, position + offset, value)
+            return
+    scorer.push_flat(top, grad, weight, offset, excluded)
 
 
 # ------------------------------------------------------------------------------------------ the backward pass

@@ -258,3 +258,24 @@ def test_a_claim_is_never_visible_before_its_owner_is_written(tmp_path, monkeypa
     path = v2.claim(pilot_run("sst2", 300, 64), tmp_path)
     assert seen == [os.getpid()] and v2._owner(path) == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the temp file is gone
+
+
+def test_remaining_hours_use_the_closest_measured_run_times():
+    import report_v2
+
+    done = [
+        {"status": "ok", "method": "id3", "protocol": "short", "runtime_s": 100.0},
+        {"status": "ok", "method": "id3", "protocol": "long", "runtime_s": 400.0},
+        {"status": "ok", "method": "full", "protocol": "short", "runtime_s": 200.0},
+        {"status": "error", "method": "fish", "protocol": "short", "runtime_s": 5.0},  # not a measurement
+    ]
+
+    def run(method, protocol):
+        return study.Run("v2", "sst2", method, 0.0017, 0, 1e-3, 1e-3, 1.0, 0, protocol)
+
+    # id3 on "long": its own median (400); id3 on "new": the method's (250); fish: every ok run's (200)
+    hours, medians = report_v2.remaining_hours(
+        done, [run("id3", "long"), run("id3", "new"), run("fish", "x")]
+    )
+    assert hours == pytest.approx((400 + 250 + 200) / 3600)
+    assert medians == {"full": 200.0, "id3": 250.0}

@@ -273,6 +273,42 @@ def progress(records: list[dict], horizons: dict) -> str:
     return table(["tier", "task", "runs done / starting grid x seeds (+ edge extensions)"], rows)
 
 
+def remaining_hours(records: list[dict], ready: list) -> tuple[float, dict[str, float]]:
+    """Worker-hours the ready runs need at the measured median run time of their (method, protocol), else of
+    their method, else of every run; and those medians per method (seconds).
+
+    Example:
+        >>> done = [{"status": "ok", "method": "id3", "protocol": "p", "runtime_s": 100.0}]
+        >>> run = study.Run("v2", "sst2", "id3", 0.0017, 0, 1e-3, 1e-3, 1.0, 0, "p")
+        >>> remaining_hours(done, [run, run])
+        (0.05555555555555555, {'id3': 100.0})
+    """
+    ok = [r for r in records if r.get("status") == "ok" and r.get("runtime_s")]
+    by_pair, by_method = defaultdict(list), defaultdict(list)
+    for r in ok:
+        by_pair[(r["method"], r["protocol"])].append(r["runtime_s"])
+        by_method[r["method"]].append(r["runtime_s"])
+    overall = statistics.median(r["runtime_s"] for r in ok) if ok else 0.0
+    seconds = 0.0
+    for run in ready:
+        times = by_pair.get((run.method, run.protocol)) or by_method.get(run.method)
+        seconds += statistics.median(times) if times else overall
+    return seconds / 3600, {m: statistics.median(t) for m, t in sorted(by_method.items())}
+
+
+def remaining_text(records: list[dict], state: dict) -> str:
+    hours, medians = remaining_hours(records, state["ready"])
+    if not state["ready"]:
+        return ""
+    per = ", ".join(f"{m} {s / 60:.1f}" for m, s in medians.items())
+    pending = [t for t, h in state["horizons"].items() if h["protocol"] is None]
+    return (
+        f"Measured median minutes per run (one thread, this machine, loaded): {per or 'none yet'}. At these, the "
+        f"ready runs need about {hours:.1f} more worker-hours ({hours / 2:.1f} hours of two workers)"
+        + (f"; {', '.join(pending)} are not counted until their pilots choose a horizon." if pending else ".")
+    )
+
+
 def write_report(records: list[dict], out: Path, smoke: bool = False) -> str:
     records = v2_records(records)
     state = v2.plan(records, smoke=smoke)
@@ -334,6 +370,7 @@ work. Software: torch {versions.get("torch")}, transformers {versions.get("trans
 {progress(records, horizons)}
 
 Runs ready but not made when the study stopped: {len(state["ready"])}; waiting on them: {state["blocked"]}.
+{remaining_text(records, state)}
 The GPU device mode (`benchmarks/study/device_v2.sh`) runs the same plan, in the same order, with N workers on
 one GPU; no GPU was lent to this project, so it has not run.
 

@@ -1,0 +1,136 @@
+/* Fused single-pass kernels of the bounded path (id3_callback/native.py compiles and loads this file).
+
+Each replaces a handful of torch ops that would each read (and often write) the whole block: one pass here,
+no temporaries. Single-threaded on purpose: no second OpenMP runtime next to torch's, and no barrier to wait
+on when other jobs share the CPU (see bounded.THREADS). Built with -ffp-contract=off and without fast-math,
+so every float operation is the IEEE one torch performs: the scores are bitwise torch's. */
+
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+/* Token rows to keep for a layer's products (bounded.live_tokens). Row t is dead when its output-gradient row
+   is all +-0 and its input row is all finite (a zero times inf or NaN is NaN: such a row is kept). Returns -1
+   (keep all) when fewer than `enough` rows have a zero gradient row, else the number of kept rows written to
+   `keep` (ascending; the single row 0 when every row is dead). */
+int64_t id3_live_rows(const float *g, int64_t g_stride, int64_t g_cols, const float *h, int64_t h_stride,
+                      int64_t h_cols, int64_t tokens, double enough, int64_t *keep) {
+    int64_t zero_rows = 0, kept = 0;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = g + t * g_stride;
+        uint32_t any = 0; /* a live row usually shows it in its first strip: stop there */
+        for (int64_t j0 = 0; j0 < g_cols && !any; j0 += 64) {
+            int64_t j1 = j0 + 64 < g_cols ? j0 + 64 : g_cols;
+            for (int64_t j = j0; j < j1; j++) any |= bits(row[j]) & 0x7fffffffu;
+        }
+        if (any == 0) {
+            zero_rows++;
+            const float *in = h + t * h_stride;
+            uint32_t bad = 0; /* exponent all ones: inf or NaN */
+            for (int64_t j = 0; j < h_cols; j++) bad |= (bits(in[j]) & 0x7f800000u) == 0x7f800000u;
+            if (!bad) continue; /* dead */
+        }
+        keep[kept++] = t;
+    }
+    if ((double)zero_rows < enough) return -1;
+    if (kept == 0) keep[kept++] = 0;
+    return kept;
+}
+
+/* Score a block of gradients like TensorScorer (D3, exp 0 or 1, no loss scale) and keep only the entries that
+   can enter a top-k whose k-th value is at least `floor`: eligible (not in `excluded`, sorted block-local
+   positions) with score >= floor. Writes (position, score, gradient) of each, in position order, and returns
+   their number; -1 when more than `cap` qualify, -2 when any score of the block (excluded entries too) is not
+   finite: the caller then scores the block the usual way, which also records the non-finite score. Scores:
+   exp 1: |g / (|w| + eps)|, exp 0: |g|, the operations and roundings of scores.d3_scores. */
+int64_t id3_score_block(const float *g, const float *w, int64_t n, const int64_t *excluded, int64_t n_excluded,
+                        int exp, float eps, float floor, int64_t cap, int64_t *pos, float *score, float *grad) {
+    enum { STRIP = 256 };
+    float s[STRIP];
+    int64_t found = 0, e = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += STRIP) {
+        int64_t len = n - i0 < STRIP ? n - i0 : STRIP;
+        const float *gs = g + i0, *ws = w + i0;
+        /* A vectorized pass scores the strip and tells whether any entry reaches the floor or is not finite;
+           most strips stop here. */
+        if (exp == 0)
+            for (int64_t i = 0; i < len; i++) s[i] = __builtin_fabsf(gs[i]);
+        else
+            for (int64_t i = 0; i < len; i++) s[i] = __builtin_fabsf(gs[i] / (__builtin_fabsf(ws[i]) + eps));
+        uint32_t hit = 0, bad = 0;
+        for (int64_t i = 0; i < len; i++) {
+            hit |= s[i] >= floor;
+            bad |= (bits(s[i]) & 0x7f800000u) == 0x7f800000u;
+        }
+        if (bad) return -2;
+        if (!hit) continue;
+        for (int64_t i = 0; i < len; i++) {
+            if (!(s[i] >= floor)) continue;
+            while (e < n_excluded && excluded[e] < i0 + i) e++;
+            if (e < n_excluded && excluded[e] == i0 + i) continue;
+            if (found == cap) return -1;
+            pos[found] = i0 + i;
+            score[found] = s[i];
+            grad[found] = gs[i];
+            found++;
+        }
+    }
+    return found;
+}
+
+/* Rows [r0, r1) of the group bound (bounded._block_hits): block-local positions (row-major, ascending) of the
+   entries whose bound Σ_g an[g, i]·bn[g, j] may reach the level, written to `pos`; returns their number.
+   `an` is G x rows (row stride an_stride), `bn` G x cols contiguous. exp 0: bound >= level; exp 1:
+   bound - low·|w| >= level (level = low·eps): the comparisons of the torch code, whose 1e-5 margin covers
+   any order of summing the G products. At most 64 groups (else -1). */
+int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int64_t groups, int64_t cols,
+                       const float *w, int64_t r0, int64_t r1, int exp, float low, float level, int64_t *pos) {
+    enum { STRIP = 32, MAX_GROUPS = 64 }; /* STRIP: 4 AVX registers of sums, kept across the G products */
+    float peak[MAX_GROUPS];
+    int64_t found = 0;
+    if (groups > MAX_GROUPS) return -1;
+    for (int64_t g = 0; g < groups; g++) {
+        float m = 0.0f;
+        for (int64_t j = 0; j < cols; j++) m = bn[g * cols + j] > m ? bn[g * cols + j] : m;
+        peak[g] = m;
+    }
+    for (int64_t i = r0; i < r1; i++) {
+        /* No entry of row i can reach the level when Σ_g an[g, i]·max_j bn[g, j] (>= each bound, and the
+           bound minus low·|w| is not larger) stays below it by more than its rounding: skip the row unread. */
+        float row_peak = 0.0f;
+        for (int64_t g = 0; g < groups; g++) row_peak += an[g * an_stride + i] * peak[g];
+        if (row_peak * 1.0001f < level) continue;
+        const float *wr = w + i * cols;
+        int64_t base = (i - r0) * cols;
+        for (int64_t j0 = 0; j0 < cols; j0 += STRIP) {
+            int64_t len = cols - j0 < STRIP ? cols - j0 : STRIP;
+            float acc[STRIP] = {0};
+            if (len == STRIP) {
+                for (int64_t g = 0; g < groups; g++) {
+                    float x = an[g * an_stride + i];
+                    const float *row = bn + g * cols + j0;
+                    for (int64_t j = 0; j < STRIP; j++) acc[j] += x * row[j];
+                }
+            } else {
+                for (int64_t g = 0; g < groups; g++) {
+                    float x = an[g * an_stride + i];
+                    const float *row = bn + g * cols + j0;
+                    for (int64_t j = 0; j < len; j++) acc[j] += x * row[j];
+                }
+            }
+            if (exp == 1)
+                for (int64_t j = 0; j < len; j++) acc[j] -= low * __builtin_fabsf(wr[j0 + j]);
+            uint32_t hit = 0;
+            for (int64_t j = 0; j < len; j++) hit |= acc[j] >= level;
+            if (!hit) continue;
+            for (int64_t j = 0; j < len; j++)
+                if (acc[j] >= level) pos[found++] = base + j0 + j;
+        }
+    }
+    return found;
+}

@@ -1,0 +1,250 @@
+"""The native kernels of the bounded path (id3_callback/native.py) against its torch code: the same kept
+tokens, top-k, scores, gradients and verified counts, bitwise; and the fallback when there is no compiler.
+
+Each case runs twice, `ID3_NATIVE=0` (torch) and `1` (native), on the same inputs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import tiny_bert, token_batches
+
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, d3_scores, native, selection
+from id3_callback import bounded as bounded_mod
+from id3_callback.bounded import bounded_weight_grad, live_tokens, push_block
+from id3_callback.selection import StreamingTopK, TensorScorer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_native = pytest.mark.skipif(
+    native.library() is None,
+    reason="native kernels unavailable (no compiler, or ID3_NATIVE=0): the torch code runs",
+)
+
+
+def both(monkeypatch, fn, calls=None):
+    """fn() with the torch code, then with the native kernels; `calls` (a dict) counts the kernel calls."""
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ID3_NATIVE", flag)
+        out.append(fn())
+        if flag == "0" and calls is not None:
+            for name in ("live_rows", "score_block", "bound_hits"):
+                monkeypatch.setattr(native, name, _counted(calls, name, getattr(native, name)))
+    return out
+
+
+def _counted(calls, name, fn):
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def _equal(x, y) -> bool:
+    """Bitwise equality (NaNs included) of tensors, or of tuples / lists / dicts of them."""
+    if isinstance(x, torch.Tensor):
+        same = x.dtype == y.dtype and x.shape == y.shape
+        return same and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+    if isinstance(x, (tuple, list)):
+        return len(x) == len(y) and all(_equal(a, b) for a, b in zip(x, y))
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_equal(x[n], y[n]) for n in x)
+    return x == y
+
+
+def _grads(seed, tokens, dead, rows, cols):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(tokens, rows, generator=gen)
+    g[torch.randperm(tokens, generator=gen)[:dead]] = 0.0
+    return g, torch.randn(tokens, cols, generator=gen)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "case",
+    [
+        "many_dead",
+        "few_dead",
+        "all_dead",
+        "negative_zero",
+        "nan_grad",
+        "inf_input",
+        "nan_input",
+        "strided",
+        "column_major",
+        "one",
+    ],
+)
+def test_live_tokens_native_equals_torch(case, monkeypatch):
+    g, h = _grads(0, 64, 40, 70, 90)
+    if case == "few_dead":
+        g, h = _grads(1, 64, 3, 70, 90)  # below DEAD_FRACTION: keep every token
+    elif case == "all_dead":
+        g.zero_()
+    elif case == "negative_zero":
+        g[g[:, 5] == 0, 7] = -0.0  # -0.0 adds nothing either: dead
+        g[g[:, 5] == 0, 0] = 1e-45  # a denormal is not zero: live
+    elif case == "nan_grad":
+        g[g[:, 0] == 0, 69] = float("nan")  # every dead row turns live
+    elif case == "inf_input":
+        h[(g[:, 0] == 0).nonzero()[:4].view(-1), 3] = float("inf")  # 0 * inf = NaN: kept
+    elif case == "nan_input":
+        h[(g[:, 0] == 0).nonzero()[-1], 89] = float("nan")
+    elif case == "strided":
+        g, h = g[:, 3:60], torch.randn(64, 200)[:, 10:100]  # rows apart: read in place
+    elif case == "column_major":
+        h = h.t().contiguous().t()  # not rows: the torch code
+    elif case == "one":
+        g, h = g[:1] * 0, h[:1]
+    calls = {}
+    torch_keep, native_keep = both(monkeypatch, lambda: live_tokens(g, h), calls)
+    assert calls == ({} if case == "column_major" else {"live_rows": 1})
+    assert _equal(torch_keep, native_keep) if torch_keep is not None else native_keep is None
+
+
+def _layer(seed, tokens=48, rows=40, cols=36, unmasked=50, weights="plain"):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(tokens, rows, generator=gen) * torch.rand(1, rows, generator=gen) * 3
+    b = torch.randn(tokens, cols, generator=gen)
+    w = torch.randn(rows, cols, generator=gen) * 0.1
+    if weights == "special":
+        w.view(-1)[torch.randperm(w.numel(), generator=gen)[:30]] = float("nan")
+        w.view(-1)[torch.randperm(w.numel(), generator=gen)[:30]] = float("inf")
+        w.view(-1)[torch.randperm(w.numel(), generator=gen)[:30]] = 0.0
+    elif weights == "ties":
+        a, b, w = a.sign(), b.sign(), torch.full((rows, cols), 0.5)  # many equal gradients and scores
+    idx = torch.randperm(rows * cols, generator=gen)[:unmasked]
+    return a, b, w, idx
+
+
+def _run(a, b, w, idx, tau, k, exp, previous=None):
+    top = StreamingTopK(k)
+    scorer = TensorScorer(d3_scores, keep_grads=True)
+    scorer.d3 = (1e-3, exp)
+    scorer.bound_factor = (1 + 1e-5) / (torch.tensor(1e-3).item() ** exp if exp else 1.0)
+    ex = torch.sort(idx).values
+    n, kept = bounded_weight_grad(a, b, w, idx, ex, tau, top, scorer, offset=7)
+    if previous is not None:  # score again with a lower tau, as `certify` does
+        n2, _ = bounded_weight_grad(a, b, w, ex[:0], ex, previous, top, scorer, 7, previous_tau=tau)
+        n += n2
+    values, index = top.result()
+    return values, index, top.result_payload(), n, kept, scorer.finite
+
+
+@needs_native
+@pytest.mark.parametrize("exp", [1.0, 0.0, 2.0])  # 2.0: not native, the torch code on both sides
+@pytest.mark.parametrize("weights", ["plain", "special", "ties"])
+@pytest.mark.parametrize("path", ["gemm_rows", "bound", "bound_dense_blocks", "rescored"])
+@pytest.mark.parametrize("k", [1, 30, 5000])  # 5000: more than the layer, never full
+def test_bounded_kernel_native_equals_torch(exp, weights, path, k, monkeypatch):
+    monkeypatch.setattr(bounded_mod, "BLOCK_ENTRIES", 36 * 6)  # row blocks of 6 rows
+    monkeypatch.setattr(bounded_mod, "NATIVE_CAP", 8)  # the cap is hit too: the torch code takes that block
+    monkeypatch.setattr(selection, "SCORE_CHUNK", 36 * 5)  # several GEMM row blocks per layer
+    monkeypatch.setattr(bounded_mod, "DENSE_FRACTION", 0.3 if path == "bound_dense_blocks" else 2.0)
+    a, b, w, idx = _layer(3, weights=weights)
+    reference = _run(a, b, w, idx, 0.0, max(k, 1), exp)
+    tau = reference[0][min(k, reference[0].numel()) - 1].item() * (0.7 if path != "rescored" else 1.3)
+    if path == "gemm_rows":
+        tau = 0.0
+    previous = tau * 0.5 if path == "rescored" else None
+    calls = {}
+    torch_run, native_run = both(monkeypatch, lambda: _run(a, b, w, idx, tau, k, exp, previous), calls)
+    assert _equal(torch_run, native_run)
+    if exp != 2.0 and k < 5000:  # the kernels ran (the torch code is the reference, not itself)
+        assert calls.get("score_block" if path == "gemm_rows" else "bound_hits", 0) > 0
+    if path == "gemm_rows":
+        assert _equal(torch_run, reference)
+
+
+@needs_native
+def test_push_block_native_equals_push_flat_on_blocks_in_any_order(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    blocks = [(torch.randn(300, generator=gen) * s, torch.randn(300, generator=gen)) for s in (1, 3, 0.1, 2)]
+    blocks[2][0][17] = float("inf")  # a non-finite score: that block is the torch code's (and it says so)
+    blocks[3][1][4] = float("nan")
+    excluded = torch.tensor([0, 5, 250])
+
+    def run():
+        top, scorer = StreamingTopK(20), TensorScorer(d3_scores, keep_grads=True)
+        for i in (1, 0, 3, 2):
+            push_block(top, scorer, blocks[i][0], blocks[i][1], 1000 * i, excluded)
+        return (*top.result(), top.result_payload(), scorer.finite)
+
+    calls = {}
+    assert _equal(*both(monkeypatch, run, calls))
+    assert calls == {"score_block": 3}  # the first block fills the top-k: the torch code's
+
+
+def _train(steps=4):
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = ID3Engine(model, ID3Config(budget=300, weight_grads="bounded"))
+    engine.start(steps)
+    opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
+    for batch in token_batches("cls", steps=steps):
+        model(**batch).loss.backward()
+        engine.step()
+        opt.step()
+        opt.zero_grad()
+    return engine.unmasked.state_dict(), copy.deepcopy(model.state_dict())
+
+
+@needs_native
+@pytest.mark.parametrize("dense_tokens", [0, 10**6])  # the bound / GEMM rows over the live tokens
+def test_training_with_native_kernels_is_bitwise_the_torch_run(dense_tokens, monkeypatch):
+    monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
+    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", dense_tokens)
+    calls = {}
+    (set_a, weights_a), (set_b, weights_b) = both(monkeypatch, _train, calls)
+    assert calls["live_rows"] > 0 and calls["score_block" if dense_tokens else "bound_hits"] > 0
+    assert _equal(set_a, set_b) and _equal(weights_a, weights_b)
+
+
+def test_without_a_compiler_the_torch_code_runs_and_says_so_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached library to find
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("ID3_NATIVE", "1")
+    with pytest.warns(UserWarning, match="native kernels unavailable.*no C compiler"):
+        assert native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert native.library() is None
+        g, h = _grads(0, 32, 20, 8, 9)
+        assert live_tokens(g, h).numel() == 12
+
+
+def test_a_failed_build_falls_back_and_leaves_no_partial_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", ("-this-flag-does-not-exist",))
+    monkeypatch.setenv("ID3_NATIVE", "1")
+    with pytest.warns(UserWarning, match="native kernels unavailable"):
+        assert native.library() is None
+    assert not list((tmp_path / "id3_callback").glob("*"))  # the temporary file is gone, nothing cached
+
+
+@needs_native
+def test_the_library_is_cached_per_source_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("ID3_NATIVE", "1")
+    assert native.library() is not None
+    built = list((tmp_path / "id3_callback").glob("kernels-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(native, "_loaded", [])
+    stamp = built[0].stat().st_mtime_ns
+    assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DANOTHER_BUILD"))
+    assert native.library() is not None
+    assert len(list((tmp_path / "id3_callback").glob("kernels-*.so"))) == 2
+    monkeypatch.setenv("ID3_NATIVE", "0")
+    assert native.library() is None
