@@ -50,11 +50,12 @@ VARIANTS = (
     "id3_low_memory",
     "id3_low_memory_keep",
     "id3_bounded",
+    "id3_bounded_keep",
     "grad_floor",
     "official",
 )
 # The variants that train with ID3Engine, from the mid-training set the probe process writes.
-ID3_VARIANTS = ("id3", "id3_low_memory", "id3_low_memory_keep", "id3_bounded")
+ID3_VARIANTS = ("id3", "id3_low_memory", "id3_low_memory_keep", "id3_bounded", "id3_bounded_keep")
 
 
 def child(args) -> dict:
@@ -100,12 +101,13 @@ def child(args) -> dict:
         # by a separate process, so this one, like every other variant's, has run no backward before the
         # measured steps (a warm-up backward leaves its own heap layout behind).
         # id3_low_memory_keep: the mode without its default pointwise recomputation (every activation kept)
-        # id3_bounded: the standard mode without dense weight gradients (ID3Config.weight_grads)
+        # id3_bounded: the standard mode without dense weight gradients (ID3Config.weight_grads), by default
+        # with pointwise recomputation; id3_bounded_keep: without it
         config = ID3Config(
             budget=args.budget,
-            low_memory=name not in ("id3", "id3_bounded"),
-            recompute_pointwise=False if name == "id3_low_memory_keep" else None,
-            weight_grads="bounded" if name == "id3_bounded" else "dense",
+            low_memory=name not in ("id3", "id3_bounded", "id3_bounded_keep"),
+            recompute_pointwise=False if name.endswith("_keep") else None,
+            weight_grads="bounded" if name.startswith("id3_bounded") else "dense",
         )
         engine = ID3Engine(model, config)
         engine.start(args.total_steps)

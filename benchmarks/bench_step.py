@@ -115,14 +115,23 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
         if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
             variants.append(Variant(name, model, opt))
-        elif name in ("id3", "id3_low_memory", "id3_dense_grads", "id3_bounded", "id3_bounded_torch"):
+        elif name in (
+            "id3",
+            "id3_low_memory",
+            "id3_dense_grads",
+            "id3_bounded",
+            "id3_bounded_torch",
+            "id3_bounded_keep",
+        ):
             # Row-sparse embedding gradients as ID3Trainer sets them by default; `id3_dense_grads` without.
-            # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads).
+            # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads), with
+            # its default pointwise recomputation; `id3_bounded_keep`: without it.
             config = ID3Config(
                 budget=args.budget,
                 low_memory=name == "id3_low_memory",
                 sparse_embedding_grads=name != "id3_dense_grads",
                 weight_grads="bounded" if name.startswith("id3_bounded") else "dense",
+                recompute_pointwise=False if name == "id3_bounded_keep" else None,
             )
             engine = ID3Engine(model, config)
             engine.start(args.total_steps)

@@ -20,6 +20,10 @@ usual and, instead of dW:
   clipping read when `p.grad` is None): from the GEMM rows, or from one GEMM over the box of rows x columns
   the unmasked entries cluster in (`unmasked_products`). The weight's `p.grad` is never allocated.
 
+An output layer whose weight is also the input embedding table (most causal LMs) is one of these layers
+for every row outside the step's input tokens; `bounded_tied.py` scores the token rows, whose gradient
+also has the embedding's part, at `step()` (`BoundedGrads.finish_backward`).
+
 Native kernels (`native.py`, plain C compiled on first use): the live-token scan, the scoring of GEMM row
 blocks (one pass that hands the running top-k only the entries at or above its k-th value) and the group
 bound (one pass, rows that cannot reach the level skipped). The first two give the torch code's results
@@ -219,8 +223,9 @@ def bounded_weight_grad(
     `top` every masked entry whose D3 bound reaches `tau`, with its exact score and gradient (the payload),
     and return (masked entries verified, the gradient at `unmasked`, flat indices in their order).
 
-    `excluded` is `unmasked` sorted; `scorer` is a D3 `TensorScorer` with `keep_grads` (it scores the row
-    blocks computed by GEMM). `tau` <= TINY verifies every entry. No aᵀb-sized tensor is allocated.
+    `excluded` is `unmasked` sorted, plus any entries to leave to the caller (a tied table's token rows:
+    `bounded_tied`); `scorer` is a D3 `TensorScorer` with `keep_grads` (it scores the row blocks computed by
+    GEMM). `tau` <= TINY verifies every entry. No aᵀb-sized tensor is allocated.
     `previous_tau`: this layer was scored with it before (same a, b, weight and set): push only the entries
     that the lower `tau` adds, so none enters `top` twice.
 
@@ -237,9 +242,8 @@ def bounded_weight_grad(
     if tau <= TINY and previous_tau is None:  # every entry from GEMM rows, the unmasked ones' values too
         found: list[torch.Tensor] = []
         verified = _dense_rows(a, b, w, 0, rows, excluded, top, scorer, offset, found)
-        kept = torch.empty(unmasked.numel(), dtype=a.dtype, device=a.device)
-        kept[torch.argsort(unmasked)] = torch.cat(found) if found else kept[:0]
-        return verified, kept
+        at_excluded = torch.cat(found) if found else a.new_empty(0)  # in `excluded`'s order
+        return verified, at_excluded[torch.searchsorted(excluded, unmasked)]
     kept = unmasked_products(a, b, unmasked)
     an, bn = (group_norms(a, GROUPS), group_norms(b, GROUPS)) if norms is None else norms
     cut = tau / slack(a.shape[0]) if tau > TINY else 0.0
@@ -393,6 +397,7 @@ class _Kept:
     a: torch.Tensor
     b: torch.Tensor
     weight: torch.Tensor
+    excluded: torch.Tensor  # the entries scored elsewhere: unmasked ones (and a tied table's token rows)
 
 
 @dataclass
@@ -416,7 +421,9 @@ class BoundedGrads:
     """The replaced forward of the bounded layers and the scoring state of the current step.
 
     `layers`: parameter name -> (module, kind), kind "linear" (W: out x in, dW = gᵀh) or "conv1d"
-    (transformers' Conv1D, W: in x out, dW = hᵀg). `entries_wanted()` gives the step's k.
+    (transformers' Conv1D, W: in x out, dW = hᵀg). `entries_wanted()` gives the step's k. `tied`: a
+    `bounded_tied.TiedOutputRows` for the layers whose weight is also an input embedding table (their token
+    rows are scored with both contributions at `finish_backward`).
     """
 
     def __init__(
@@ -427,8 +434,10 @@ class BoundedGrads:
         sorted_unmasked: Callable[[str], torch.Tensor],
         make_scorer: Callable[[], TensorScorer],
         entries_wanted: Callable[[], int],
+        tied=None,
     ) -> None:
         self.layers = dict(layers)
+        self.tied = tied
         self.unmasked, self.offsets, self.sorted_unmasked = unmasked, offsets, sorted_unmasked
         self.make_scorer = make_scorer  # a D3 TensorScorer with keep_grads (the scan's, with its buffer)
         self.entries_wanted = entries_wanted
@@ -451,6 +460,8 @@ class BoundedGrads:
             else:
                 module.forward = previous
         self._saved_forward, self.current = [], None
+        if self.tied is not None:
+            self.tied.remove()
 
     def _forward(self, name: str, module: nn.Module, kind: str, forward: Callable) -> Callable:
         # The module's own forward is replaced, not hooked: a hook would run after the product is computed.
@@ -486,6 +497,8 @@ class BoundedGrads:
             )
         bp.seen.add(name)
         idx, excluded = self.unmasked.indices[name], self.sorted_unmasked(name)
+        if self.tied is not None and name in self.tied.tables:  # its token rows wait for the embedding's
+            idx, excluded = self.tied.on_head_backward(name, a, b, idx, excluded)
         if bp.k <= 0:  # nothing to select: only the unmasked entries' gradient
             kept = unmasked_products(a, b, idx)
             self.unmasked.grad_stash[name] = kept.to(weight.dtype)
@@ -506,12 +519,17 @@ class BoundedGrads:
         bp.verified += verified
         bp.masked += weight.numel() - excluded.numel()
         if tau > TINY and tau > running:  # unconfirmed: keep what re-scoring needs until the cut reaches tau
-            bp.kept.append(_Kept(name, tau, a, b, weight))
+            bp.kept.append(_Kept(name, tau, a, b, weight, excluded))
         if bp.kept and bp.top.full:
             reached = bp.top.values[-1].item()
             bp.kept = [kept for kept in bp.kept if kept.tau > reached]
 
     # ------------------------------------------------------------------------------------------ at step()
+    def finish_backward(self) -> None:
+        """Before selection: score what backward left to the end (a tied table's token rows)."""
+        if self.tied is not None and self.current is not None:
+            self.tied.finish(self.current)
+
     def certify(self, top: StreamingTopK) -> None:
         """With every tensor scored into `top` (the pass's): score again, with τ = the final cut, each kept
         layer whose τ that cut did not reach. Afterwards every unverified entry scores below the cut."""
@@ -526,13 +544,12 @@ class BoundedGrads:
         tau = cut if cut > TINY else 0.0
         with _threads(THREADS):
             for kept in redo:  # only entries with bound in [cut, kept.tau) are new (`previous_tau`)
-                excluded = self.sorted_unmasked(kept.name)
                 verified, _ = bounded_weight_grad(
                     kept.a,
                     kept.b,
                     kept.weight,
-                    excluded[:0],
-                    excluded,
+                    kept.excluded[:0],
+                    kept.excluded,
                     tau,
                     top,
                     bp.scorer,
@@ -555,6 +572,8 @@ class BoundedGrads:
     def end_step(self, cut: float | None) -> None:
         """Close the step: remember its cut (the next τ_guess), count certification and survivors."""
         bp, self.current = self.current, None
+        if self.tied is not None:
+            self.tied.reset()
         if bp is None:
             return
         if cut is not None and math.isfinite(cut):
@@ -654,9 +673,14 @@ class _BoundedLinear(torch.autograd.Function):
         return grad_input, None, grad_bias, None
 
 
-def bounded_layers(model: nn.Module, selectable: Mapping[str, nn.Parameter]) -> tuple[dict, list[str]]:
+def bounded_layers(
+    model: nn.Module,
+    selectable: Mapping[str, nn.Parameter],
+    tied_heads: Mapping[str, nn.Module] | None = None,
+) -> tuple[dict, list[str]]:
     """({weight name: (module, kind)} for the selectable weights the bounded path can take over, reasons for
-    the large selectable Linear-like weights it cannot)."""
+    the large selectable Linear-like weights it cannot). `tied_heads`: weight name -> the output nn.Linear
+    of a table tied to input embeddings that `bounded_tied` completes (see `tied_output_heads`)."""
     names = {id(p): n for n, p in selectable.items()}
     holders: dict[int, int] = {}
     for module in model.modules():
@@ -674,8 +698,13 @@ def bounded_layers(model: nn.Module, selectable: Mapping[str, nn.Parameter]) -> 
         name = names[id(weight)]
         if weight.numel() < selection.BOUNDED_MIN_ENTRIES:
             continue
-        if holders[id(weight)] > 1:
-            skipped.append(f"{name} is shared with another module (tied)")
+        if tied_heads and tied_heads.get(name) is module:
+            layers[name] = (module, kind)
+        elif holders[id(weight)] > 1:
+            skipped.append(
+                f"{name} is shared with another module (tied, and not as an input embedding plus one "
+                "bias-free float32 output nn.Linear)"
+            )
         elif weight.dtype != torch.float32:
             skipped.append(f"{name} is {weight.dtype} (float32 only)")
         else:

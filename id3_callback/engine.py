@@ -26,6 +26,7 @@ from torch import nn
 
 from . import state as state_io
 from .bounded import BoundedGrads
+from .bounded_tied import TiedOutputRows
 from .config import ID3Config
 from .distributed import is_distributed
 from .io import atomic_write
@@ -179,6 +180,11 @@ class ID3Engine:
             )
         if plan.bounded_layers and self.bounded is None:
             score_fn = self.method.score_fn()
+            tied = None
+            if plan.bounded_tied:  # the token rows of tables tied to a bounded output layer
+                tied = TiedOutputRows(
+                    plan.bounded_tied, self.unmasked, plan.offsets, self.scan.sorted_unmasked
+                )
             self.bounded = BoundedGrads(
                 plan.bounded_layers,
                 self.unmasked,
@@ -186,6 +192,7 @@ class ID3Engine:
                 self.scan.sorted_unmasked,
                 lambda: self.scan.scorer(score_fn, keep_grads=True),
                 lambda: self.schedule.target(self.steps_done + 1) - len(self.unmasked),
+                tied,
             )
             self.bounded.last_cut = self._bounded_cut
             self.scan.bounded = self.bounded
@@ -251,10 +258,7 @@ class ID3Engine:
                 f"  tied tables scored in blocks as backward computes them: {', '.join(self.streamed_tables)}"
             )
         if self.bounded is not None:
-            lines.append(
-                f"  bounded weight gradients (no dense dW): {len(self.bounded.layers)} layers, "
-                f"{sum(m.weight.numel() for m, _ in self.bounded.layers.values()):,} entries"
-            )
+            lines.extend(self.plan.bounded_lines())
         if self.recompute_active:
             lines.append(
                 "  pointwise recomputation: products and activations of kept tensors are redone in backward"
@@ -294,6 +298,7 @@ class ID3Engine:
             else:
                 if self.bounded is not None:
                     self._check_bounded_grads()
+                    self.bounded.finish_backward()  # a tied table's token rows: both gradients are in
                 ctx = StepContext(k, self.budget, before, self.scan, grad_scale, check_overflow)
                 selection = self.method.on_step(ctx)
         grew = self.scan.finite or not check_overflow

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import selection
 from .bounded import bounded_layers
+from .bounded_tied import tied_output_heads
 from .config import ID3Config
 from .sparse_grads import row_sparse_candidates, tied_output_candidates
 
@@ -89,6 +90,9 @@ class Plan:
     # weight_grads='bounded': weight name -> (module, kind) whose dense gradient backward never builds
     bounded_layers: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
     bounded_blockers: tuple[str, ...] = ()
+    # bounded layers whose weight is also an input embedding table -> those nn.Embedding modules
+    bounded_tied: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
+    bounded_skipped: tuple[str, ...] = ()  # large Linear-like weights left dense while others are bounded
 
     def reasons(self) -> list[str]:
         """Summary lines for modes the config asked for that the plan turned off."""
@@ -99,6 +103,24 @@ class Plan:
             lines.append(f"  row-sparse embedding gradients off: {'; '.join(self.sparse_grad_blockers)}")
         if self.bounded_blockers:
             lines.append(f"  bounded weight gradients off: {'; '.join(self.bounded_blockers)}")
+        if self.bounded_skipped:
+            lines.append(f"  bounded weight gradients off for: {'; '.join(self.bounded_skipped)}")
+        return lines
+
+    def bounded_lines(self) -> list[str]:
+        """Summary lines naming the layers the bounded path runs, and how the tied ones are completed."""
+        if not self.bounded_layers:
+            return []
+        entries = sum(module.weight.numel() for module, _ in self.bounded_layers.values())
+        lines = [
+            f"  bounded weight gradients (no dense dW): {len(self.bounded_layers)} layers, {entries:,} entries"
+        ]
+        for name, embeddings in self.bounded_tied.items():
+            lines.append(
+                f"  bounded tied output layer {name} (also {len(embeddings)} input embedding"
+                f"{'s' * (len(embeddings) != 1)}): the rows of the step's input tokens are scored whole at "
+                "step() with both gradients, every other row by the bound on the output layer's gradient"
+            )
         return lines
 
 
@@ -263,7 +285,8 @@ def resolve_plan(
     embedding gradients: an explicit True or False is honoured where possible (True that cannot apply warns);
     None means on under the Trainer (`settings.grads_through_engine`) and in low-memory mode, where the
     hooks free `p.grad` in backward so the loop never sees the layout. Pointwise recomputation: None means
-    on exactly in low-memory mode.
+    on exactly in low-memory mode and on the bounded path (with no dense gradient left, the saved
+    activations are what stands between it and LoRA's peak).
     """
     selectable_entries = sum(p.numel() for p in selectable.values())
     dense_entries = sum(p.numel() for p in dense.values())
@@ -287,11 +310,13 @@ def resolve_plan(
     wanted = (settings.grads_through_engine or low_memory) if wanted is None else wanted
     sparse_grads, sg_blockers = _sparse_grads(config, method, settings, distributed, bool(wanted))
 
-    bounded, b_blockers = {}, ()
+    bounded, b_blockers, bounded_tied, skipped = {}, (), {}, []
     if config.weight_grads == "bounded":
         b_blockers = tuple(bounded_blockers(config, method, settings, distributed, low_memory))
         if not b_blockers:
-            bounded, skipped = bounded_layers(model, selectable)
+            tied = tied_output_candidates(model, selectable, selection.BOUNDED_MIN_ENTRIES)
+            bounded, skipped = bounded_layers(model, selectable, tied_output_heads(tied))
+            bounded_tied = {name: tied[name][0] for name in tied if name in bounded}
             if not bounded:
                 b_blockers = (
                     "no selectable float32 nn.Linear / Conv1D weight of at least "
@@ -299,7 +324,7 @@ def resolve_plan(
                     + (f" ({'; '.join(skipped)})" if skipped else ""),
                 )
         if b_blockers:
-            bounded = {}
+            bounded, bounded_tied, skipped = {}, {}, []
             warnings.warn(
                 f"ID3Config(weight_grads='bounded') cannot apply with {'; '.join(b_blockers)}: selectable "
                 "weights get dense gradients (the same selection, a slower backward).",
@@ -327,7 +352,8 @@ def resolve_plan(
         tied_tables=MappingProxyType(
             tied_output_candidates(model, selectable, selection.ROW_SPARSE_MIN_ENTRIES)
         ),
-        recompute=low_memory if recompute is None else bool(recompute),
+        # None: on wherever the plan aims at LoRA's memory (low-memory mode, bounded weight gradients)
+        recompute=(low_memory or bool(bounded)) if recompute is None else bool(recompute),
         row_sparse_scoring=frozenset(
             n
             for n, p in selectable.items()
@@ -335,6 +361,8 @@ def resolve_plan(
         ),
         bounded_layers=MappingProxyType(bounded),
         bounded_blockers=b_blockers,
+        bounded_tied=MappingProxyType(bounded_tied),
+        bounded_skipped=tuple(skipped),
     )
 
 
@@ -363,6 +391,8 @@ def with_process_group(plan: Plan, config: ID3Config, method: SelectionMethod) -
         bounded = {
             "bounded_layers": MappingProxyType({}),
             "bounded_blockers": ("DDP (process group found at start)",),
+            "bounded_tied": MappingProxyType({}),
+            "bounded_skipped": (),
         }
         warnings.warn(
             "ID3Config(weight_grads='bounded') cannot apply under DDP: dense gradients.", stacklevel=3

@@ -99,6 +99,11 @@ class PointwiseRecompute:
             handle.remove()
         self._handles = []
 
+    def __deepcopy__(self, memo: dict) -> PointwiseRecompute:
+        # copy.deepcopy(model) copies the model's hooks, and with them their owner; its state is per thread
+        # and per forward, not per model, so the copy shares it (a thread-local cannot be copied anyway).
+        return self
+
     def _enter(self, module: nn.Module, args) -> None:
         self.forwards += 1
         context = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)

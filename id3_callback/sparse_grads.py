@@ -47,18 +47,26 @@ class _RowSparseEmbedding(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (input,) = ctx.saved_tensors
-        index = input.reshape(-1)
-        grad = grad_out.reshape(index.numel(), -1)
-        if ctx.padding_idx is not None:  # the padding row never receives a gradient, as in nn.Embedding
-            keep = index != ctx.padding_idx
-            index, grad = index[keep], grad[keep]
-        rows, slot = torch.unique(index, sorted=True, return_inverse=True)
-        # index_add_ adds the tokens in batch order onto zeros: the dense kernel's order, so the same bits.
-        values = grad.new_zeros(rows.numel(), grad.shape[1]).index_add_(0, slot, grad)
+        rows, values = embedding_rows(input, grad_out, ctx.padding_idx)
         sparse = torch.sparse_coo_tensor(
             rows.unsqueeze(0), values, ctx.shape, is_coalesced=True, check_invariants=False
         )
         return None, sparse, None
+
+
+def embedding_rows(
+    input: torch.Tensor, grad_out: torch.Tensor, padding_idx: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct token rows, their gradient block) of an embedding lookup's weight gradient: the
+    nonzero rows of nn.Embedding's dense gradient, bitwise on CPU."""
+    index = input.reshape(-1)
+    grad = grad_out.reshape(index.numel(), -1)
+    if padding_idx is not None:  # the padding row never receives a gradient, as in nn.Embedding
+        keep = index != padding_idx
+        index, grad = index[keep], grad[keep]
+    rows, slot = torch.unique(index, sorted=True, return_inverse=True)
+    # index_add_ adds the tokens in batch order onto zeros: the dense kernel's order, so the same bits.
+    return rows, grad.new_zeros(rows.numel(), grad.shape[1]).index_add_(0, slot, grad)
 
 
 def _holders(model: nn.Module) -> dict[int, list[nn.Module]]:
