@@ -201,3 +201,33 @@ def global_topk(score_chunks: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         top.push(clean)
         sizes.append(clean.numel())
     return split_by_tensor(top.result()[1], sizes)
+
+
+def same_up_to_rounding(a: set, b: set, scores: torch.Tensor, cut: float) -> bool:
+    """Two selections of the same k agree, or differ only in entries whose score is within fp32 rounding
+    of the cut (a gathered dot product and a GEMM sum the T products in different orders)."""
+    return all(abs(scores[i].item() - cut) <= 1e-4 * abs(cut) for i in a ^ b)
+
+
+def dense_reference(model: nn.Module, engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Every selectable entry's D3 score (already unmasked: -inf) from autograd's dense gradients on a copy
+    of the model without the bounded path's replaced forwards and hooks, and those gradients (flat)."""
+    import copy
+
+    from id3_callback import d3_scores
+
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        module.__dict__.pop("forward", None)
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    ref(**batch).loss.backward()
+    params = dict(ref.named_parameters())
+    scores, grads = [], {}
+    for name in engine.unmasked.params:
+        p = params[name]
+        s = d3_scores(p.grad.reshape(-1), p.detach().reshape(-1), engine.config.eps, engine.config.exp)
+        s[engine.unmasked.indices[name]] = float("-inf")
+        scores.append(s)
+        grads[name] = p.grad.reshape(-1)
+    return torch.cat(scores), grads

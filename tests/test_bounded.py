@@ -3,13 +3,12 @@
 Two references. The kernel against brute force over the *same* score definition (every entry's gradient by
 the same sampled dot product, or by the same GEMM rows): bitwise. The engine against the dense path
 (autograd's GEMM): the chosen sets are equal except where two scores tie within fp32 rounding of the cut
-(`_same_up_to_rounding`), the optimizer's gradients agree to rounding, and a bounded run resumed from a
+(`helpers.same_up_to_rounding`), the optimizer's gradients agree to rounding, and a bounded run resumed from a
 checkpoint is bitwise the uninterrupted bounded run.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -17,6 +16,8 @@ import torch
 from helpers import (
     brute_force_topk,
     changed_entries,
+    dense_reference,
+    same_up_to_rounding,
     snapshot,
     tiny_bert,
     tiny_llama,
@@ -142,7 +143,7 @@ def test_kernel_equals_brute_force_over_the_same_scores(exp, fraction, tau_of_cu
     # tau = 0: the unmasked entries' values come from the same GEMM rows as every score
     assert torch.equal(kept, grads[idx] if tau_of_cut == 0.0 else unmasked_products(a, b, idx))
     if fraction == 0.08 and tau_of_cut > 0:  # blocks of both kinds: scores agree to rounding
-        assert _same_up_to_rounding(set(index.tolist()), set(expected.tolist()), scores, cut)
+        assert same_up_to_rounding(set(index.tolist()), set(expected.tolist()), scores, cut)
         torch.testing.assert_close(values, scores[index], rtol=1e-5, atol=0)
         return
     assert torch.equal(index, expected)
@@ -186,28 +187,6 @@ def test_rescoring_a_layer_adds_each_entry_once(monkeypatch):
 
 
 # -------------------------------------------------------------------------------------- through the engine
-def _same_up_to_rounding(a: set, b: set, scores: torch.Tensor, cut: float) -> bool:
-    """Two selections of the same k agree, or differ only in entries whose score is within fp32 rounding
-    of the cut (a gathered dot product and a GEMM sum the T products in different orders)."""
-    return all(abs(scores[i].item() - cut) <= 1e-4 * abs(cut) for i in a ^ b)
-
-
-def _dense_reference(model, engine, batch):
-    """D3 scores of every selectable entry (already unmasked: -inf) from autograd's dense gradients on a
-    copy of the model, and those gradients."""
-    ref = copy.deepcopy(model)
-    for module in ref.modules():
-        module.__dict__.pop("forward", None)  # the bounded path's replaced forwards
-    ref(**batch).loss.backward()
-    params = dict(ref.named_parameters())
-    scores, grads = [], {}
-    for name in engine.unmasked.params:
-        p = params[name]
-        s = d3_scores(p.grad.reshape(-1), p.detach().reshape(-1), engine.config.eps, engine.config.exp)
-        s[engine.unmasked.indices[name]] = float("-inf")
-        scores.append(s)
-        grads[name] = p.grad.reshape(-1)
-    return torch.cat(scores), grads
 
 
 def _step_against_dense(model, engine, batch, scores, after_backward=None) -> tuple[set, int]:
@@ -225,7 +204,7 @@ def _step_against_dense(model, engine, batch, scores, after_backward=None) -> tu
         for i in idx[before[n] :]
     }
     expected = brute_force_topk([scores], k)
-    assert _same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+    assert same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
     return new, k
 
 
@@ -262,7 +241,7 @@ def test_engine_selects_the_dense_top_k_and_feeds_the_optimizer_exact_gradients(
         assert "lm_head.weight" in engine.bounded.layers  # the untied output layer
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     for batch in token_batches(kind, steps=6):
-        scores, dense_grads = _dense_reference(model, engine, batch)
+        scores, dense_grads = dense_reference(model, engine, batch)
 
         def never_allocated():
             for name in engine.bounded.layers:
@@ -294,7 +273,7 @@ def test_padded_batches_drop_dead_tokens_and_still_select_the_dense_top_k(monkey
     for i, batch in enumerate(token_batches("cls", steps=4)):
         batch["attention_mask"] = batch["attention_mask"].clone()
         batch["attention_mask"][:, 12 - 3 - i :] = 0  # the last 3-6 tokens of every row are padding
-        scores, dense_grads = _dense_reference(model, engine, batch)
+        scores, dense_grads = dense_reference(model, engine, batch)
         _step_against_dense(model, engine, batch, scores)
         for name in engine.bounded.layers:
             stash = engine.unmasked.grad_stash.get(name)
@@ -315,7 +294,7 @@ def test_layers_with_few_live_tokens_are_scored_whole_by_gemm_rows(monkeypatch):
     engine = _engine(model)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     for batch in token_batches("cls", steps=4):
-        scores, dense_grads = _dense_reference(model, engine, batch)
+        scores, dense_grads = dense_reference(model, engine, batch)
         _step_against_dense(model, engine, batch, scores)
         assert engine.bounded.last_step["dense"] == 1.0 and engine.bounded.last_step["survivors"] == 1.0
         for name in engine.bounded.layers:
@@ -333,7 +312,7 @@ def test_forced_uncertified_steps_are_rescored_and_counted(monkeypatch):
     engine = _engine(model)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     for batch in token_batches("cls", steps=5):
-        scores, _ = _dense_reference(model, engine, batch)
+        scores, _ = dense_reference(model, engine, batch)
         _step_against_dense(model, engine, batch, scores)
         opt.step()
         opt.zero_grad()
@@ -430,7 +409,7 @@ def test_conv1d_layers_take_the_bounded_path():
     assert any(kind == "conv1d" for _, kind in engine.bounded.layers.values())
     for batch in token_batches("lm", steps=3):
         batch.pop("attention_mask")
-        scores, dense_grads = _dense_reference(model, engine, batch)
+        scores, dense_grads = dense_reference(model, engine, batch)
         _step_against_dense(model, engine, batch, scores)
         for name in engine.bounded.layers:
             torch.testing.assert_close(

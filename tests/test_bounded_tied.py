@@ -14,11 +14,11 @@ import warnings
 
 import pytest
 import torch
-from helpers import brute_force_topk, tiny_llama, token_batches
+from helpers import brute_force_topk, dense_reference, same_up_to_rounding, tiny_llama, token_batches
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW, d3_scores, selection
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, selection
 from id3_callback import bounded as bounded_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,30 +81,6 @@ def _engine(model, budget=300, steps=4, **kw):
     return engine
 
 
-def _dense_reference(model, engine, batch):
-    """Every selectable entry's D3 score (unmasked: -inf) and autograd's dense gradient, on a copy of the
-    model without the bounded path's forwards and hooks."""
-    ref = copy.deepcopy(model)
-    for module in ref.modules():
-        module.__dict__.pop("forward", None)
-        module._forward_pre_hooks.clear()
-        module._forward_hooks.clear()
-    ref(**batch).loss.backward()
-    params = dict(ref.named_parameters())
-    scores, grads = [], {}
-    for name in engine.unmasked.params:
-        p = params[name]
-        s = d3_scores(p.grad.reshape(-1), p.detach().reshape(-1), engine.config.eps, engine.config.exp)
-        s[engine.unmasked.indices[name]] = float("-inf")
-        scores.append(s)
-        grads[name] = p.grad.reshape(-1)
-    return torch.cat(scores), grads
-
-
-def _same_up_to_rounding(a: set, b: set, scores: torch.Tensor, cut: float) -> bool:
-    return all(abs(scores[i].item() - cut) <= 1e-4 * abs(cut) for i in a ^ b)
-
-
 class TableSizedTensors(TorchDispatchMode):
     """Records every op output with the table's number of entries that is not a view of the table itself."""
 
@@ -141,7 +117,7 @@ def test_tied_table_selects_the_dense_top_k_with_both_gradients_and_never_builds
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     token_rows_selected = other_rows_selected = 0
     for batch in _batches(steps=6):  # steps 5-6 select nothing (k = 0): only the stash
-        scores, dense_grads = _dense_reference(model, engine, batch)
+        scores, dense_grads = dense_reference(model, engine, batch)
         k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
         before = {n: i.numel() for n, i in engine.unmasked.indices.items()}
         with TableSizedTensors(table) as watch:
@@ -157,7 +133,7 @@ def test_tied_table_selects_the_dense_top_k_with_both_gradients_and_never_builds
         assert len(new) == max(k, 0)
         if k > 0:
             expected = brute_force_topk([scores], k)
-            assert _same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+            assert same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
         rows = set(batch["input_ids"].reshape(-1).tolist())
         for i in engine.unmasked.indices[table_name][before[table_name] :].tolist():
             if i // WIDTH in rows:
@@ -184,7 +160,7 @@ def test_forced_uncertified_steps_rescore_the_tied_output_layer_without_its_toke
     engine = _engine(model, steps=4)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     for batch in _batches(steps=4):
-        scores, dense_grads = _dense_reference(model, engine, batch)
+        scores, dense_grads = dense_reference(model, engine, batch)
         k = engine.schedule.target(engine.steps_done + 1) - len(engine.unmasked)
         before = len(engine.unmasked)
         model(**batch).loss.backward()
@@ -198,7 +174,7 @@ def test_forced_uncertified_steps_rescore_the_tied_output_layer_without_its_toke
         expected = brute_force_topk([scores], k)
         previous = {i for i in chosen if scores[i] == float("-inf")}
         got = chosen - previous
-        assert _same_up_to_rounding(got, set(expected.tolist()), scores, scores[expected[-1]].item())
+        assert same_up_to_rounding(got, set(expected.tolist()), scores, scores[expected[-1]].item())
         want = dense_grads[table_name][engine.unmasked.indices[table_name]]
         torch.testing.assert_close(engine.unmasked.grad_stash[table_name], want, rtol=1e-5, atol=1e-7)
         opt.step()
@@ -291,7 +267,7 @@ def test_an_output_layer_on_its_own_forward_leaves_the_whole_table_to_autograd()
     model = tied_llama().eval()
     engine = _engine(model)
     batch = next(_batches(steps=1))
-    _, dense_grads = _dense_reference(model, engine, batch)
+    _, dense_grads = dense_reference(model, engine, batch)
     head = model.lm_head
     forward = head.forward
     head.forward = lambda x: forward(x) if not torch.is_grad_enabled() else nn.Linear.forward(head, x)
