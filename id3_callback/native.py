@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 _loaded: list = []  # [library or None] once a load was attempted: one attempt (and one warning) per process
+_why_not: list = []  # why the load failed, for `status`
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -56,6 +57,7 @@ def library() -> ctypes.CDLL | None:
         try:
             _loaded.append(_load())
         except Exception as exc:  # never let an optional speed-up break training
+            _why_not.append(str(exc))
             warnings.warn(
                 f"id3_callback: native kernels unavailable ({exc}); the bounded path runs its torch code "
                 "(same results, slower). Set ID3_NATIVE=0 to skip the attempt.",
@@ -63,6 +65,20 @@ def library() -> ctypes.CDLL | None:
             )
             _loaded.append(None)
     return _loaded[0]
+
+
+def status() -> str:
+    """One line for the plan's summary: whether the bounded path runs its native kernels, and if not, why.
+
+    Example:
+        >>> status().startswith(("native kernels", "torch code"))
+        True
+    """
+    if os.environ.get("ID3_NATIVE", "1") == "0":
+        return "torch code (ID3_NATIVE=0)"
+    if library() is None:
+        return f"torch code (native kernels unavailable: {_why_not[-1] if _why_not else 'unknown'})"
+    return "native kernels (plain C, compiled on first use)"
 
 
 def _cpu_id() -> str:

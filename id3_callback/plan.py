@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import selection
-from .bounded import bounded_layers
+from . import native, selection
+from .bounded import DENSE_TOKENS, GROUPS, bounded_layers
 from .bounded_tied import tied_output_heads
 from .config import ID3Config
 from .sparse_grads import row_sparse_candidates, tied_output_candidates
@@ -90,6 +90,9 @@ class Plan:
     # weight_grads='bounded': weight name -> (module, kind) whose dense gradient backward never builds
     bounded_layers: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
     bounded_blockers: tuple[str, ...] = ()
+    bounded_kernels: str = (
+        ""  # native.status() when bounded layers run: native kernels or torch code, and why
+    )
     # bounded layers whose weight is also an input embedding table -> those nn.Embedding modules
     bounded_tied: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
     bounded_skipped: tuple[str, ...] = ()  # large Linear-like weights left dense while others are bounded
@@ -113,7 +116,10 @@ class Plan:
             return []
         entries = sum(module.weight.numel() for module, _ in self.bounded_layers.values())
         lines = [
-            f"  bounded weight gradients (no dense dW): {len(self.bounded_layers)} layers, {entries:,} entries"
+            f"  bounded weight gradients (no dense dW): {len(self.bounded_layers)} layers, {entries:,} entries; "
+            f"per layer and step, at most {DENSE_TOKENS} live tokens: scored whole from GEMM rows over them, "
+            f"more: the bound over {GROUPS} token groups and exact products where it reaches the cut; "
+            f"{self.bounded_kernels}"
         ]
         for name, embeddings in self.bounded_tied.items():
             lines.append(
@@ -361,6 +367,7 @@ def resolve_plan(
         ),
         bounded_layers=MappingProxyType(bounded),
         bounded_blockers=b_blockers,
+        bounded_kernels=native.status() if bounded else "",
         bounded_tied=MappingProxyType(bounded_tied),
         bounded_skipped=tuple(skipped),
     )

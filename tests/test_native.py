@@ -248,3 +248,40 @@ def test_the_library_is_cached_per_source_and_flags(monkeypatch, tmp_path):
     assert len(list((tmp_path / "id3_callback").glob("kernels-*.so"))) == 2
     monkeypatch.setenv("ID3_NATIVE", "0")
     assert native.library() is None
+
+
+def _summary_of_a_bounded_engine() -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = ID3Engine(tiny_bert(), ID3Config(budget=50, weight_grads="bounded"))
+    engine.start(4)
+    try:
+        return engine.summary()
+    finally:
+        engine.remove_hooks()
+
+
+@pytest.mark.parametrize("how", ["native", "disabled", "no compiler"])
+def test_the_plan_says_how_the_bounded_layers_are_scored(how, monkeypatch, tmp_path):
+    monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
+    monkeypatch.setenv("ID3_NATIVE", "0" if how == "disabled" else "1")
+    if how == "native" and native.library() is None:
+        pytest.skip("no C compiler here")
+    if how == "no compiler":
+        monkeypatch.setattr(native, "_loaded", [])
+        monkeypatch.setattr(native, "_why_not", [])
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    text = _summary_of_a_bounded_engine()
+    line = next(line for line in text.splitlines() if "bounded weight gradients (no dense dW)" in line)
+    assert (
+        f"at most {bounded_mod.DENSE_TOKENS} live tokens" in line
+        and f"{bounded_mod.GROUPS} token groups" in line
+    )
+    expected = {
+        "native": "native kernels (plain C",
+        "disabled": "torch code (ID3_NATIVE=0)",
+        "no compiler": "torch code (native kernels unavailable: no C compiler",
+    }[how]
+    assert expected in line
