@@ -90,9 +90,8 @@ class Plan:
     # weight_grads='bounded': weight name -> (module, kind) whose dense gradient backward never builds
     bounded_layers: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
     bounded_blockers: tuple[str, ...] = ()
-    bounded_kernels: str = (
-        ""  # native.status() when bounded layers run: native kernels or torch code, and why
-    )
+    # native.status() when bounded layers run: native kernels or torch code, and why
+    bounded_kernels: str = ""
     # bounded layers whose weight is also an input embedding table -> those nn.Embedding modules
     bounded_tied: Mapping[str, tuple] = field(default_factory=lambda: MappingProxyType({}))
     bounded_skipped: tuple[str, ...] = ()  # large Linear-like weights left dense while others are bounded
@@ -400,7 +399,10 @@ def with_process_group(plan: Plan, config: ID3Config, method: SelectionMethod) -
             "bounded_blockers": ("DDP (process group found at start)",),
             "bounded_tied": MappingProxyType({}),
             "bounded_skipped": (),
+            "bounded_kernels": "",
         }
+        if config.recompute_pointwise is None and not plan.low_memory:
+            bounded["recompute"] = False  # it was on only for the bounded path, which DDP turns off
         warnings.warn(
             "ID3Config(weight_grads='bounded') cannot apply under DDP: dense gradients.", stacklevel=3
         )

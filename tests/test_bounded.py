@@ -393,6 +393,22 @@ def test_plan_falls_back_to_dense_gradients_and_says_why(settings, config, block
     assert "bounded weight gradients off" in engine.summary()
 
 
+@pytest.mark.parametrize("recompute", [None, True])
+def test_a_process_group_found_at_start_turns_the_bounded_path_and_its_recomputation_off(recompute):
+    from id3_callback.plan import with_process_group
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = ID3Engine(
+            tiny_bert(), ID3Config(budget=40, weight_grads="bounded", recompute_pointwise=recompute)
+        )
+    assert engine.plan.bounded_layers and engine.plan.recompute and engine.plan.bounded_kernels
+    with pytest.warns(UserWarning, match="cannot apply under DDP"):
+        plan = with_process_group(engine.plan, engine.config, engine.method)
+    assert not plan.bounded_layers and not plan.bounded_kernels and plan.bounded_blockers
+    assert plan.recompute is bool(recompute)  # auto-on only for the bounded path; an explicit True stays
+
+
 def test_config_rejects_an_unknown_weight_grads():
     with pytest.raises(ValueError, match="'dense' or 'bounded'"):
         ID3Config(weight_grads="sparse")
