@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .masks import UnmaskedSet
-from .sparse_grads import embedding_rows, locate
+from .sparse_grads import embedding_rows, locate, row_sparse_gradient
 
 
 @dataclass
@@ -145,9 +145,7 @@ class TiedOutputRows:
         bounded backward ran this step, else returned to autograd as a row-sparse gradient."""
         table = self.tables[name]
         if table.rows is None:
-            return torch.sparse_coo_tensor(
-                rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False
-            )
+            return row_sparse_gradient(rows, values, shape)
         pos = torch.searchsorted(table.rows, rows).clamp_(max=max(table.rows.numel() - 1, 0))
         if rows.numel() and (table.rows.numel() == 0 or not bool((table.rows[pos] == rows).all())):
             raise RuntimeError(

@@ -48,10 +48,14 @@ class _RowSparseEmbedding(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (input,) = ctx.saved_tensors
         rows, values = embedding_rows(input, grad_out, ctx.padding_idx)
-        sparse = torch.sparse_coo_tensor(
-            rows.unsqueeze(0), values, ctx.shape, is_coalesced=True, check_invariants=False
-        )
-        return None, sparse, None
+        return None, row_sparse_gradient(rows, values, ctx.shape), None
+
+
+def row_sparse_gradient(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The table's gradient as a coalesced sparse tensor: `values` (|rows| x d) at the sorted distinct `rows`."""
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def embedding_rows(
