@@ -13,7 +13,8 @@ Variants: full fine-tuning with fused AdamW, and a second, identical copy of it 
 `full` shows how far two identical variants drift apart here, the resolution of every other ratio); ID3
 standard and low-memory mode (SparseAdamW, row-sparse embedding gradients as ID3Trainer sets them by
 default), and ID3 with a dense embedding gradient (`id3_dense_grads`, what the row-sparse backward saves);
-ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
+`floor`: every weight frozen, backward computes only dX through every layer (what any method that trains
+weights inside the layers must at least spend; LoRA adds its adapters to it). ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
 kernels, ID3_NATIVE=0); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
 0.4 ID3 when importable (optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
 PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
@@ -87,6 +88,16 @@ class Variant:
             "optimizer": (t3 - t2) * ms,
             "zero_grad": (t4 - t3) * ms,
         }
+
+
+class NoOptimizer:
+    """The `floor` variant's optimizer: it has no parameter to update."""
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
 
 
 _SMOLLM = []
@@ -164,6 +175,14 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
                 [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True
             )
             variants.append(Variant(name, model, opt))
+        elif name == "floor":
+            # No weight gradient at all, only dX through every layer (the embeddings' output requires grad):
+            # the least backward any method spends that trains weights inside every layer. LoRA is this
+            # plus its adapters; ID3 (any path) is this plus scoring the masked entries.
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+            variants.append(Variant(name, model, NoOptimizer()))
         elif name == "official":
             if not official_available():
                 print("official ID3 not importable: skipped (see the module docstring)", file=sys.stderr)

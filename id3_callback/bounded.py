@@ -448,6 +448,9 @@ class BoundedGrads:
         self.survivors = 0.0  # sum over steps of the fraction of masked entries verified
         self.last_step: dict = {}  # the last scoring step's k, survivor fraction and certification
         self._log = {"steps": 0, "survivors": 0.0}
+        # Uses of each layer in this step's forward before its backward began (see `_forward`).
+        self.forwards: dict[str, int] = {}
+        self.demoted: set[str] = set()  # layers found to run twice per step: dense gradients from then on
         self._saved_forward = []
         for name, (module, kind) in self.layers.items():
             self._saved_forward.append((module, module.__dict__.get("forward")))
@@ -467,13 +470,33 @@ class BoundedGrads:
         # The module's own forward is replaced, not hooked: a hook would run after the product is computed.
         def bounded_forward(input: torch.Tensor) -> torch.Tensor:
             weight = module.weight
-            if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(
-                input.device.type
+            if (
+                name in self.demoted
+                or not (torch.is_grad_enabled() and weight.requires_grad)
+                or torch.is_autocast_enabled(input.device.type)
             ):
                 return forward(input)  # autograd's own dense gradient; the scan scores p.grad as usual
+            if _counts_as_a_use(self.current):
+                self.forwards[name] = self.forwards.get(name, 0) + 1
+                if self.forwards[name] > 1 and not (self.tied is not None and name in self.tied.tables):
+                    self.demote(name)
+                    return forward(input)
             return _BoundedLinear.apply(input, weight, module.bias, (self, name, kind))
 
         return bounded_forward
+
+    def demote(self, name: str) -> None:
+        """`name` runs twice in one step's forward (a shared layer, as in ALBERT, or two forwards before one
+        backward): the bound covers one product, not a sum, so its weight takes autograd's dense gradient
+        from now on, this step's first use included (`_BoundedLinear.backward`). Exact either way."""
+        self.demoted.add(name)
+        self.layers.pop(name, None)
+        self.unmasked.grad_stash.pop(name, None)
+        warnings.warn(
+            f"weight_grads: {name} runs more than once per step (a shared layer?); its weight gets dense "
+            "gradients from now on (the same selection, a slower backward).",
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------------------------------ in backward
     def current_pass(self) -> _Pass:
@@ -492,8 +515,9 @@ class BoundedGrads:
         bp = self.current_pass()
         if name in bp.seen:
             raise RuntimeError(
-                f"weight_grads='bounded': {name} received a second backward before engine.step() (the layer runs "
-                "twice per step, or gradients accumulate). Set ID3Config(weight_grads='dense') for this model."
+                f"weight_grads='bounded': {name} received a second backward before engine.step() (gradients "
+                "accumulate over backwards: the bound covers one). Call engine.step() after each backward, or set "
+                "ID3Config(weight_grads='dense')."
             )
         bp.seen.add(name)
         idx, excluded = self.unmasked.indices[name], self.sorted_unmasked(name)
@@ -572,6 +596,7 @@ class BoundedGrads:
     def end_step(self, cut: float | None) -> None:
         """Close the step: remember its cut (the next τ_guess), count certification and survivors."""
         bp, self.current = self.current, None
+        self.forwards = {}
         if self.tied is not None:
             self.tied.reset()
         if bp is None:
@@ -600,6 +625,13 @@ class BoundedGrads:
             out["id3/bound_survivors"] = self._log["survivors"] / steps
         self._log = {"steps": 0, "survivors": 0.0}
         return out
+
+
+def _counts_as_a_use(current: _Pass | None) -> bool:
+    """Whether a forward of a bounded layer is a use of it in this step: before the step's backward began,
+    and not a recomputation inside backward (activation checkpointing re-runs forwards there)."""
+    in_backward = getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
+    return current is None and not in_backward
 
 
 @contextlib.contextmanager
@@ -662,6 +694,8 @@ class _BoundedLinear(torch.autograd.Function):
             grad_input = (g.mm(weight) if kind == "linear" else g.mm(weight.t())).view(input.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(tuple(range(grad_out.dim() - 1)))
+        if name in bounded.demoted:  # a use recorded before the layer was found to run twice: dense dW
+            return grad_input, (g.t().mm(h) if kind == "linear" else h.t().mm(g)), grad_bias, None
         with torch.no_grad(), _threads(THREADS):
             keep = live_tokens(g, h)
             if keep is not None:  # tokens that add exact zeros to every product (padding, unpooled positions)

@@ -125,14 +125,18 @@ class ID3Config:
         },
     )
     weight_grads: str = field(
-        default="dense",
+        default="auto",
         metadata={
-            "help": "'dense': backward computes every selectable weight's gradient (autograd's own). 'bounded': "
-            "selectable nn.Linear / Conv1D weights get no dense gradient; backward bounds the D3 scores from "
-            "token-group norms, computes exact scores only where the bound reaches the cut and exact gradients "
-            "at unmasked entries (the same selection up to fp32 rounding ties; see id3_callback/bounded.py). "
-            "Needs method='id3', optimizer='sparse_adamw', gradient_accumulation_steps=1, no fp16 loss "
-            "scaling, no DDP, clipping through the engine and low_memory=False; otherwise dense, with a warning."
+            "help": "'bounded': selectable nn.Linear / Conv1D weights get no dense gradient; backward bounds the "
+            "D3 scores from token-group norms, computes exact scores only where the bound reaches the cut and "
+            "exact gradients at unmasked entries (the same selection up to fp32 rounding ties; see "
+            "id3_callback/bounded.py). Needs method='id3', optimizer='sparse_adamw', "
+            "gradient_accumulation_steps=1, no fp16 loss scaling, no DDP, clipping through the engine and "
+            "low_memory=False; otherwise dense, with a warning. 'dense': backward computes every selectable "
+            "weight's gradient (autograd's own). 'auto' (default): 'bounded' where it is the faster one, i.e. "
+            "where 'bounded' applies, under ID3Trainer (which tells the engine about accumulation and "
+            "clipping), with the weights on the CPU and its native kernels built, and not under torch.compile; "
+            "'dense' elsewhere, the reason in the plan's summary and no warning."
         },
     )
     consistency_check_steps: int = field(
@@ -182,8 +186,10 @@ class ID3Config:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r}).")
-        if self.weight_grads not in ("dense", "bounded"):
-            raise ValueError(f"weight_grads must be 'dense' or 'bounded' (got {self.weight_grads!r}).")
+        if self.weight_grads not in ("auto", "dense", "bounded"):
+            raise ValueError(
+                f"weight_grads must be 'auto', 'dense' or 'bounded' (got {self.weight_grads!r})."
+            )
         if self.fisher_samples < 1:
             raise ValueError(f"fisher_samples must be >= 1 (got {self.fisher_samples}).")
 

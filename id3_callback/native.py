@@ -33,6 +33,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-share
 
 _loaded: list = []  # [library or None] once a load was attempted: one attempt (and one warning) per process
 _why_not: list = []  # why the load failed, for `status`
+_warned: list = []  # [True] once the failed load was warned about
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -49,21 +50,27 @@ _SIGNATURES = {
 }
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (disabled by `ID3_NATIVE=0`, or unavailable: then warned once)."""
+def library(warn: bool = True) -> ctypes.CDLL | None:
+    """The loaded kernels, or None (disabled by `ID3_NATIVE=0`, or unavailable: then warned once).
+
+    `warn=False` is the plan's probe for `weight_grads='auto'`, which then keeps dense gradients and has
+    nothing to warn about; a later call that runs the torch code still warns."""
     if os.environ.get("ID3_NATIVE", "1") == "0":
         return None
     if not _loaded:
+        _warned.clear()  # a new attempt (tests reset `_loaded`) warns anew
         try:
             _loaded.append(_load())
         except Exception as exc:  # never let an optional speed-up break training
             _why_not.append(str(exc))
-            warnings.warn(
-                f"id3_callback: native kernels unavailable ({exc}); the bounded path runs its torch code "
-                "(same results, slower). Set ID3_NATIVE=0 to skip the attempt.",
-                stacklevel=2,
-            )
             _loaded.append(None)
+    if _loaded[0] is None and warn and not _warned:
+        _warned.append(True)
+        warnings.warn(
+            f"id3_callback: native kernels unavailable ({_why_not[-1]}); the bounded path runs its torch code "
+            "(same results, slower). Set ID3_NATIVE=0 to skip the attempt.",
+            stacklevel=2,
+        )
     return _loaded[0]
 
 

@@ -61,6 +61,7 @@ class TrainingSettings:
     loss_scaling: bool = False
     torch_clipping: bool = False
     grads_through_engine: bool = False
+    compiled: bool = False  # the loop runs the model under torch.compile
     calibration_batches: CalibrationBatches | None = field(default=None, compare=False)
 
 
@@ -275,6 +276,34 @@ def bounded_blockers(
     return reasons
 
 
+def auto_blockers(selectable: Mapping[str, nn.Parameter], settings: TrainingSettings) -> list[str]:
+    """Why `weight_grads='auto'` keeps dense weight gradients where 'bounded' could run (empty: it takes the
+    bounded path). It is exact either way; 'auto' takes it where it is the faster one and nothing it cannot
+    see could break it."""
+    reasons = []
+    if not settings.grads_through_engine:
+        reasons.append(
+            "weight_grads='auto' outside ID3Trainer (a plain loop may accumulate gradients or clip with torch, "
+            "which this path cannot see; weight_grads='bounded' opts in)"
+        )
+    if settings.compiled:
+        reasons.append(
+            "weight_grads='auto' under torch.compile (the replaced forwards would break its graphs)"
+        )
+    devices = sorted({p.device.type for p in selectable.values()} - {"cpu"})
+    if devices:
+        reasons.append(
+            f"weight_grads='auto' with weights on {', '.join(devices)} (its kernels are CPU code; the dense "
+            "GEMM is the fast path there)"
+        )
+    elif native.library(warn=False) is None:
+        reasons.append(
+            f"weight_grads='auto' without the native kernels ({native.status()}; the torch code is no faster "
+            "than the dense path)"
+        )
+    return reasons
+
+
 def resolve_plan(
     model: nn.Module,
     config: ID3Config,
@@ -316,8 +345,13 @@ def resolve_plan(
     sparse_grads, sg_blockers = _sparse_grads(config, method, settings, distributed, bool(wanted))
 
     bounded, b_blockers, bounded_tied, skipped = {}, (), {}, []
-    if config.weight_grads == "bounded":
+    wants_bounded = config.weight_grads == "bounded" or (
+        config.weight_grads == "auto" and config.method == "id3"
+    )
+    if wants_bounded:
         b_blockers = tuple(bounded_blockers(config, method, settings, distributed, low_memory))
+        if not b_blockers and config.weight_grads == "auto":
+            b_blockers = tuple(auto_blockers(selectable, settings))
         if not b_blockers:
             tied = tied_output_candidates(model, selectable, selection.BOUNDED_MIN_ENTRIES)
             bounded, skipped = bounded_layers(model, selectable, tied_output_heads(tied))
@@ -330,6 +364,7 @@ def resolve_plan(
                 )
         if b_blockers:
             bounded, bounded_tied, skipped = {}, {}, []
+        if b_blockers and config.weight_grads == "bounded":  # 'auto' just keeps dense: the plan says why
             warnings.warn(
                 f"ID3Config(weight_grads='bounded') cannot apply with {'; '.join(b_blockers)}: selectable "
                 "weights get dense gradients (the same selection, a slower backward).",
@@ -403,9 +438,10 @@ def with_process_group(plan: Plan, config: ID3Config, method: SelectionMethod) -
         }
         if config.recompute_pointwise is None and not plan.low_memory:
             bounded["recompute"] = False  # it was on only for the bounded path, which DDP turns off
-        warnings.warn(
-            "ID3Config(weight_grads='bounded') cannot apply under DDP: dense gradients.", stacklevel=3
-        )
+        if config.weight_grads == "bounded":
+            warnings.warn(
+                "ID3Config(weight_grads='bounded') cannot apply under DDP: dense gradients.", stacklevel=3
+            )
     return dataclasses.replace(
         plan, distributed=True, sparse_grads=sparse_grads, sparse_grad_blockers=blockers, **bounded
     )

@@ -72,6 +72,7 @@ class ID3TrainerMixin:
             # Clipping and the gradient norm below go through the engine: row-sparse embedding gradients are
             # on wherever they apply.
             grads_through_engine=True,
+            compiled=bool(getattr(self.args, "torch_compile", False)),
             # Training batches for methods that need data before training (FISH's Fisher pass).
             calibration_batches=partial(trainer_calibration_batches, self),
         )
