@@ -14,7 +14,9 @@ Variants: full fine-tuning with fused AdamW, and a second, identical copy of it 
 standard and low-memory mode (SparseAdamW, row-sparse embedding gradients as ID3Trainer sets them by
 default), and ID3 with a dense embedding gradient (`id3_dense_grads`, what the row-sparse backward saves);
 `floor`: every weight frozen, backward computes only dX through every layer (what any method that trains
-weights inside the layers must at least spend; LoRA adds its adapters to it). ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
+weights inside the layers must at least spend; LoRA adds its adapters to it); `floor_rest`: the same, but
+the tensors ID3 still scores densely (biases, norms, position embeddings) train with AdamW: the floor of the
+bounded path, which replaces only the large Linear weights' dW (and the table's, by row-sparse gradients). ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
 kernels, ID3_NATIVE=0); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
 0.4 ID3 when importable (optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
 PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
@@ -175,14 +177,24 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
                 [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True
             )
             variants.append(Variant(name, model, opt))
-        elif name == "floor":
+        elif name in ("floor", "floor_rest"):
             # No weight gradient at all, only dX through every layer (the embeddings' output requires grad):
             # the least backward any method spends that trains weights inside every layer. LoRA is this
-            # plus its adapters; ID3 (any path) is this plus scoring the masked entries.
+            # plus its adapters; ID3 (any path) is this plus scoring the masked entries. `floor_rest`: only
+            # the large Linear weights (the bounded path's) and the input embedding table frozen; the other
+            # tensors (biases, norms, position embeddings), which ID3 scores densely, train with AdamW.
+            bounded = {
+                id(m.weight)
+                for m in model.modules()
+                if isinstance(m, torch.nn.Linear) and m.weight.numel() >= selection_mod.BOUNDED_MIN_ENTRIES
+            }
+            bounded.add(id(model.get_input_embeddings().weight))
+            rest = [p for p in model.parameters() if name == "floor_rest" and id(p) not in bounded]
             for p in model.parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(any(p is q for q in rest))
             model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
-            variants.append(Variant(name, model, NoOptimizer()))
+            opt = torch.optim.AdamW(rest, lr=args.lr, fused=True) if rest else NoOptimizer()
+            variants.append(Variant(name, model, opt))
         elif name == "official":
             if not official_available():
                 print("official ID3 not importable: skipped (see the module docstring)", file=sys.stderr)
