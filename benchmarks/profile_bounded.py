@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Where the bounded path's backward time goes: timers around `bounded.py`'s functions, beside the floors.
+
+    python benchmarks/profile_bounded.py      # writes benchmarks/results/profile_bounded.json + .md
+
+The same setting and variants as `bench_step.py` (MiniLM 16 x 64, SST-2, mid-schedule, 2 threads; variants
+interleaved step by step). For the bounded variants it sums, per step, the wall time inside
+`_BoundedLinear.backward` (dX, the bias gradient and what follows), `BoundedGrads.on_backward` (the scoring:
+GEMM rows or the bound, and the unmasked entries' gradients), `live_tokens`, `_dense_rows` and `push_block`
+(nested: a function's time includes its callees'), then reports medians. The timers add a few microseconds
+per call; compare the step columns with `bench_step.py` runs, not with these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path[:0] = [
+    os.path.dirname(os.path.abspath(__file__)),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+]
+
+import bench_step  # noqa: E402
+import benchutil  # noqa: E402
+
+from id3_callback import bounded as bounded_mod  # noqa: E402
+
+TIMED = ("live_tokens", "_dense_rows", "push_block", "bounded_weight_grad", "unmasked_products")
+acc: collections.Counter = collections.Counter()
+
+
+def timed(key: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[key] += (time.perf_counter() - t0) * 1000.0
+
+    return wrapper
+
+
+def install() -> None:
+    for name in TIMED:
+        setattr(bounded_mod, name, timed(name, getattr(bounded_mod, name)))
+    grads = bounded_mod.BoundedGrads
+    grads.on_backward = timed("on_backward", grads.on_backward)
+    function = bounded_mod._BoundedLinear
+    function.backward = staticmethod(timed("BoundedLinear.backward", function.backward))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--variants", default="full,floor,floor_rest,id3_bounded,id3_bounded_keep,lora")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=os.path.join(benchutil.RESULTS, "profile_bounded.json"))
+    args = parser.parse_args(argv)
+    setting = argparse.Namespace(
+        model="minilm", device="cpu", threads=args.threads, batch=16, seq=64, budget=0.0017,
+        total_steps=1000, lr=1e-4, variants=args.variants,
+    )  # fmt: skip
+    torch.set_num_threads(args.threads)
+    batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), args.warmup + args.steps + 1, 16, 64)
+    variants = bench_step.build_variants(setting, batches[0])
+    install()
+    rows: dict[str, list[dict]] = collections.defaultdict(list)
+    for i, batch in enumerate(batches[1:]):
+        for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+            acc.clear()
+            times = v.step(batch)
+            if i >= args.warmup:
+                rows[v.name].append({**times, **acc})
+    result = {"benchmark": "profile_bounded", "setting": vars(args), "load": os.getloadavg()[0], "variants": {}}
+    full = statistics.median(r["step"] for r in rows["full"]) if "full" in rows else None
+    for name, records in rows.items():
+        keys = sorted({k for r in records for k in r})
+        row = {k: statistics.median(r.get(k, 0.0) for r in records) for k in keys}
+        if full:
+            row["x_full"] = row["step"] / full
+        result["variants"][name] = row
+    return benchutil.save_result(result, args.out, markdown)
+
+
+def markdown(result: dict) -> str:
+    columns = ["step", "fwd_bwd", "BoundedLinear.backward", "on_backward", "live_tokens", "_dense_rows"]
+    columns += ["push_block"]
+    lines = [
+        f"Bounded path, where the backward time goes (MiniLM 16 x 64, medians in ms, load "
+        f"{result['load']:.1f}; nested: a column includes the ones to its right that it calls).",
+        "",
+        "| variant | x full (of medians) | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for name, row in result["variants"].items():
+        cells = [f"{row[c]:.1f}" if c in row else "" for c in columns]
+        ratio = f"{row['x_full']:.2f}" if "x_full" in row else ""
+        lines.append(f"| {name} | {ratio} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
