@@ -379,7 +379,7 @@ def push_block(
         and grad.is_contiguous()
         and weight.is_contiguous()
     ):
-        found = native.score_block(grad, weight, excluded, exp, eps, top._kth[0], max(NATIVE_CAP, top.k))
+        found = native.score_block(grad, weight, excluded, exp, eps, top.kth, max(NATIVE_CAP, top.k))
         if found is not None:
             position, score, value = found
             top.push_candidates(score, position + offset, value)

@@ -175,6 +175,12 @@ class StreamingTopK:
         """True once k entries are held (from then on the k-th best value filters new chunks)."""
         return self.k > 0 and self.values.numel() >= self.k
 
+    @property
+    def kth(self) -> float:
+        """The k-th best value held (once `full`): a host float, cached at each merge (no flush, no sync).
+        Stale-low while candidates wait to be merged, so filtering by it is exact."""
+        return self._kth[0]
+
     def push(
         self,
         scores: torch.Tensor,
@@ -392,7 +398,7 @@ class TensorScorer:
             # (A NaN weight with a finite gradient then goes unnoticed; it could never be chosen anyway.)
             low, high = torch.aminmax(grad)
             high, low = high.item() * self.bound_factor, -low.item() * self.bound_factor
-            kth = top._kth[0]
+            kth = top.kth
             if high < kth and low < kth:  # False for NaN: then the chunk is scored
                 return max(high, low)
             if math.isfinite(high) and math.isfinite(low):
