@@ -81,7 +81,12 @@ def main(argv=None) -> dict:
             times = v.step(batch)
             if i >= args.warmup:
                 rows[v.name].append({**times, **acc})
-    result = {"benchmark": "profile_bounded", "setting": vars(args), "load": os.getloadavg()[0], "variants": {}}
+    result = {
+        "benchmark": "profile_bounded",
+        "setting": vars(args),
+        "load": os.getloadavg()[0],
+        "variants": {},
+    }
     full = statistics.median(r["step"] for r in rows["full"]) if "full" in rows else None
     for name, records in rows.items():
         keys = sorted({k for r in records for k in r})
