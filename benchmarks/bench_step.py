@@ -17,7 +17,7 @@ default), and ID3 with a dense embedding gradient (`id3_dense_grads`, what the r
 weights inside the layers must at least spend; LoRA adds its adapters to it); `floor_rest`: the same, but
 the tensors ID3 still scores densely (biases, norms, position embeddings) train with AdamW: the floor of the
 bounded path, which replaces only the large Linear weights' dW (and the table's, by row-sparse gradients). ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
-kernels, ID3_NATIVE=0); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
+kernels, ID3_NATIVE=0; `id3_bounded_bound`: every layer by the bound, never GEMM rows); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
 0.4 ID3 when importable (optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
 PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
 optimizer step + zero_grad. ID3 starts mid-schedule (step T/2, half the budget unmasked, chosen by
@@ -52,8 +52,11 @@ sys.path[:0] = [
 import benchutil  # noqa: E402
 from official import make_official_id3, official_available  # noqa: E402
 
+import id3_callback.bounded as bounded_mod  # noqa: E402
 import id3_callback.selection as selection_mod  # noqa: E402
 from id3_callback import ID3Config, ID3Engine, SparseAdamW, save_delta  # noqa: E402
+
+DENSE_TOKENS = bounded_mod.DENSE_TOKENS  # the cost model's own threshold
 
 
 def now() -> float:
@@ -69,9 +72,12 @@ class Variant:
         self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
         # `id3_bounded_torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
         self.native = "0" if name == "id3_bounded_torch" else "1"
+        # `id3_bounded_bound`: every layer by the bound (no GEMM rows, whatever its live tokens)
+        self.dense_tokens = 0 if name == "id3_bounded_bound" else DENSE_TOKENS
 
     def step(self, batch: dict) -> dict[str, float]:
         os.environ["ID3_NATIVE"] = self.native  # read at each kernel call: variants interleave in one process
+        bounded_mod.DENSE_TOKENS = self.dense_tokens  # read at each layer's backward, likewise
         t0 = now()
         self.model(**batch).loss.backward()
         t1 = now()
@@ -135,6 +141,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             "id3_bounded",
             "id3_bounded_torch",
             "id3_bounded_keep",
+            "id3_bounded_bound",
         ):
             # Row-sparse embedding gradients as ID3Trainer sets them by default; `id3_dense_grads` without.
             # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads), with
@@ -280,6 +287,7 @@ def run(args) -> dict:
         timers.install(v.engine)
     for batch in batches[1 + args.warmup + args.steps :]:
         for v in id3_variants:
+            os.environ["ID3_NATIVE"], bounded_mod.DENSE_TOKENS = v.native, v.dense_tokens
             timers.take()
             t0 = now()
             v.model(**batch).loss.backward()
