@@ -102,6 +102,31 @@ def test_grid_ties_go_to_the_smaller_lr_and_use_the_mean_over_seeds():
     assert v2.grid_state("sst2", config, protocol, v2.Book(records)) == ([], 2e-3)
 
 
+def test_a_flat_grid_grows_on_both_sides_until_it_is_not_flat():
+    protocol, config = v2.protocol_for(300, 64), v2.TIERS[0][1]
+    ladder = config.ladder
+
+    def flat(lrs, learned=None):
+        return v2.Book(
+            [
+                record(v2.make_run("cola", config, s, lr, protocol), 9.0 if lr == learned else 0.0)
+                for s in v2.SEEDS
+                for lr in lrs
+            ]
+        )
+
+    missing, lr = v2.grid_state("cola", config, protocol, flat(config.grid))
+    assert lr is None and {r.lr for r in missing} == {5e-4, 1e-2}
+    # Down at the ladder's end and still flat: only the top grows.
+    missing, lr = v2.grid_state("cola", config, protocol, flat(ladder[:5]))
+    assert lr is None and {r.lr for r in missing} == {1e-2}
+    # Flat over the whole ladder: the smaller, as for any tie.
+    assert v2.grid_state("cola", config, protocol, flat(ladder)) == ([], ladder[0])
+    # Not flat any more: the usual rule (the best, 1e-2, is an edge: the next value joins).
+    missing, lr = v2.grid_state("cola", config, protocol, flat(ladder[:6], learned=1e-2))
+    assert lr is None and {r.lr for r in missing} == {2e-2}
+
+
 def decided(tasks=("sst2", "mrpc")) -> list[dict]:
     return [record(pilot_run(t, 300, 64), MAJORITY + 10) for t in tasks]
 

@@ -17,7 +17,9 @@ The protocol (fixed before any v2 run was made):
   dev never influences a choice.
 - **Learning rate.** Per (task, method, budget): the grid value with the best held-out mean over seeds 0-2
   (ties: the smaller). When it sits at an edge of the grid, the next value of the method's ladder on that
-  side joins the grid (3 more runs), until the best is interior or the ladder ends.
+  side joins the grid (3 more runs), until the best is interior or the ladder ends. A flat grid (every value
+  the same mean, as CoLA's sparse methods at MCC 0) grows on both sides until it is not flat (amended
+  2026-12-02 after CoLA's tier 1 had walked such grids down to the ladder's end only; dev played no part).
 - **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
@@ -186,6 +188,14 @@ def grid_state(task: str, config: Config, protocol: Protocol, book: Book) -> tup
         for lr in grid:
             scores = [book.score(make_run(task, config, s, lr, protocol)) for s in SEEDS]
             means[lr] = statistics.fmean(scores) if all(x is not None for x in scores) else float("-inf")
+        if len(grid) > 1 and len(set(means.values())) == 1:
+            # A flat grid (CoLA's sparse methods: MCC 0 everywhere) says nothing about a direction; "ties:
+            # the smaller" alone would walk it down the ladder only. Grow both sides until it is not flat.
+            lo, hi = config.ladder.index(grid[0]), config.ladder.index(grid[-1])
+            grid = list(config.ladder[max(lo - 1, 0) : hi + 2])
+            if config.ladder.index(grid[0]) < lo or config.ladder.index(grid[-1]) > hi:
+                continue
+            return [], grid[0]
         best = max(grid, key=lambda lr: (means[lr], -lr))
         i = config.ladder.index(best)
         if best == grid[0] and i > 0 and config.ladder[i - 1] not in grid:
