@@ -32,8 +32,18 @@ import bench_step  # noqa: E402
 import benchutil  # noqa: E402
 
 from id3_callback import bounded as bounded_mod  # noqa: E402
+from id3_callback import bounded_tied  # noqa: E402
 
-TIMED = ("live_tokens", "_dense_rows", "push_block", "bounded_weight_grad", "unmasked_products")
+TIMED = (
+    "live_tokens",
+    "_dense_rows",
+    "push_block",
+    "bounded_weight_grad",
+    "unmasked_products",
+    "group_norms",
+    "_block_hits",
+    "sampled_products",
+)
 acc: collections.Counter = collections.Counter()
 
 
@@ -54,24 +64,34 @@ def install() -> None:
         setattr(bounded_mod, name, timed(name, getattr(bounded_mod, name)))
     grads = bounded_mod.BoundedGrads
     grads.on_backward = timed("on_backward", grads.on_backward)
+    grads.certify = timed("certify", grads.certify)
     function = bounded_mod._BoundedLinear
     function.backward = staticmethod(timed("BoundedLinear.backward", function.backward))
+    tied = bounded_tied.TiedOutputRows  # a tied output layer's token rows (SmolLM2)
+    tied.on_head_backward = timed("tied.on_head_backward", tied.on_head_backward)
+    tied.finish = timed("tied.finish", tied.finish)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     parser.add_argument("--variants", default="full,floor,floor_rest,id3_bounded,id3_bounded_keep,lora")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(benchutil.RESULTS, "profile_bounded.json"))
     args = parser.parse_args(argv)
+    batch, seq = (16, 64) if args.model == "minilm" else (2, 256)  # bench_step's settings
     setting = argparse.Namespace(
-        model="minilm", device="cpu", threads=args.threads, batch=16, seq=64, budget=0.0017,
+        model=args.model, device="cpu", threads=args.threads, batch=batch, seq=seq, budget=0.0017,
         total_steps=1000, lr=1e-4, variants=args.variants,
     )  # fmt: skip
     torch.set_num_threads(args.threads)
-    batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), args.warmup + args.steps + 1, 16, 64)
+    count = args.warmup + args.steps + 1
+    if args.model == "minilm":
+        batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), count, batch, seq)
+    else:
+        batches = benchutil.xsum_batches(benchutil.smollm()[1], count, batch, seq)
     variants = bench_step.build_variants(setting, batches[0])
     install()
     rows: dict[str, list[dict]] = collections.defaultdict(list)
@@ -99,9 +119,10 @@ def main(argv=None) -> dict:
 
 def markdown(result: dict) -> str:
     columns = ["step", "fwd_bwd", "BoundedLinear.backward", "on_backward", "live_tokens", "_dense_rows"]
-    columns += ["push_block"]
+    columns += ["push_block", "bounded_weight_grad", "unmasked_products", "group_norms", "_block_hits"]
+    columns += ["sampled_products", "certify", "tied.on_head_backward", "tied.finish"]
     lines = [
-        f"Bounded path, where the backward time goes (MiniLM 16 x 64, medians in ms, load "
+        f"Bounded path, where the backward time goes ({result['setting'].get('model', 'minilm')}, medians in ms, load "
         f"{result['load']:.1f}; nested: a column includes the ones to its right that it calls).",
         "",
         "| variant | x full (of medians) | " + " | ".join(columns) + " |",
