@@ -231,3 +231,17 @@ def dense_reference(model: nn.Module, engine, batch: dict) -> tuple[torch.Tensor
         scores.append(s)
         grads[name] = p.grad.reshape(-1)
     return torch.cat(scores), grads
+
+
+def assert_added_top_k(engine, before: dict[str, int], k: int, scores: torch.Tensor) -> set[int]:
+    """The k entries the last `engine.step()` added (global indices; `before`: each tensor's unmasked count
+    before it) are the top-k of `scores`, up to fp32 rounding ties at the cut. Returns them."""
+    new = {
+        int(i) + engine.plan.offsets[n]
+        for n, idx in engine.unmasked.indices.items()
+        for i in idx[before[n] :]
+    }
+    expected = brute_force_topk([scores], k)
+    assert len(new) == k
+    assert same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+    return new

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from helpers import (
+    assert_added_top_k,
     brute_force_topk,
     changed_entries,
     dense_reference,
@@ -198,14 +199,7 @@ def _step_against_dense(model, engine, batch, scores, after_backward=None) -> tu
     if after_backward is not None:
         after_backward()
     engine.step()
-    new = {
-        int(i) + engine.plan.offsets[n]
-        for n, idx in engine.unmasked.indices.items()
-        for i in idx[before[n] :]
-    }
-    expected = brute_force_topk([scores], k)
-    assert same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
-    return new, k
+    return assert_added_top_k(engine, before, k, scores), k
 
 
 MODELS = {

@@ -11,9 +11,8 @@ import warnings
 import pytest
 import torch
 from helpers import (
-    brute_force_topk,
+    assert_added_top_k,
     dense_reference,
-    same_up_to_rounding,
     tiny_bert,
     tiny_llama,
     token_batches,
@@ -164,14 +163,7 @@ def test_a_shared_layer_turns_dense_and_the_selection_stays_exact():
         assert shared not in engine.bounded.layers and shared in engine.bounded.demoted
         torch.testing.assert_close(engine.unmasked.params[shared].grad.view(-1), grads[shared])
         engine.step()
-        new = {
-            int(i) + engine.plan.offsets[n]
-            for n, idx in engine.unmasked.indices.items()
-            for i in idx[before[n] :]
-        }
-        expected = brute_force_topk([scores], k)
-        assert len(new) == k
-        assert same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+        assert_added_top_k(engine, before, k, scores)
         opt.step()
         opt.zero_grad()
         reference(**batch).loss.backward()
@@ -205,11 +197,5 @@ def test_activation_checkpointing_recomputes_without_counting_a_second_use(reent
             warnings.filterwarnings("error", message=".*more than once per step")
             model(**batch).loss.backward()
         engine.step()
-        new = {
-            int(i) + engine.plan.offsets[n]
-            for n, idx in engine.unmasked.indices.items()
-            for i in idx[before[n] :]
-        }
-        expected = brute_force_topk([scores], k)
-        assert same_up_to_rounding(new, set(expected.tolist()), scores, scores[expected[-1]].item())
+        assert_added_top_k(engine, before, k, scores)
     assert set(engine.bounded.layers) == layers and not engine.bounded.demoted
