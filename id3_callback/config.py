@@ -120,8 +120,8 @@ class ID3Config:
             "help": "Store a saved activation that is a product or SiLU/GELU of tensors autograd keeps anyway "
             "(normed hidden states, the MLP's activation) as that one op, and redo it in backward: every "
             "weight's gradient needs its input, and this stops keeping the cheapest of them. Gradients are "
-            "bitwise unchanged; any model. None: on in low-memory mode and with weight_grads='bounded', off "
-            "otherwise."
+            "bitwise unchanged; any model. None: on in low-memory mode and wherever the bounded weight-gradient "
+            "path runs (weight_grads), off otherwise."
         },
     )
     weight_grads: str = field(
