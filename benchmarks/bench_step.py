@@ -75,9 +75,13 @@ class Variant:
         # `id3_bounded_bound`: every layer by the bound (no GEMM rows, whatever its live tokens)
         self.dense_tokens = 0 if name == "id3_bounded_bound" else DENSE_TOKENS
 
+    def activate(self) -> None:
+        """This variant's settings of the bounded path, which it reads per call: variants interleave in one process."""
+        os.environ["ID3_NATIVE"] = self.native  # read at each kernel call
+        bounded_mod.DENSE_TOKENS = self.dense_tokens  # read at each layer's backward
+
     def step(self, batch: dict) -> dict[str, float]:
-        os.environ["ID3_NATIVE"] = self.native  # read at each kernel call: variants interleave in one process
-        bounded_mod.DENSE_TOKENS = self.dense_tokens  # read at each layer's backward, likewise
+        self.activate()
         t0 = now()
         self.model(**batch).loss.backward()
         t1 = now()
@@ -197,8 +201,9 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             }
             bounded.add(id(model.get_input_embeddings().weight))
             rest = [p for p in model.parameters() if name == "floor_rest" and id(p) not in bounded]
+            trained = {id(p) for p in rest}
             for p in model.parameters():
-                p.requires_grad_(any(p is q for q in rest))
+                p.requires_grad_(id(p) in trained)
             model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
             opt = torch.optim.AdamW(rest, lr=args.lr, fused=True) if rest else NoOptimizer()
             variants.append(Variant(name, model, opt))
@@ -287,7 +292,7 @@ def run(args) -> dict:
         timers.install(v.engine)
     for batch in batches[1 + args.warmup + args.steps :]:
         for v in id3_variants:
-            os.environ["ID3_NATIVE"], bounded_mod.DENSE_TOKENS = v.native, v.dense_tokens
+            v.activate()
             timers.take()
             t0 = now()
             v.model(**batch).loss.backward()

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -44,22 +42,12 @@ TIMED = (
     "_block_hits",
     "sampled_products",
 )
-acc: collections.Counter = collections.Counter()
-
-
-def timed(key: str, fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            acc[key] += (time.perf_counter() - t0) * 1000.0
-
-    return wrapper
+# bench_step's timers (ms per key, summed until `take()`), around bounded.py's functions instead of the engine's
+timers = bench_step.StageTimers()
 
 
 def install() -> None:
+    timed = timers.timed
     for name in TIMED:
         setattr(bounded_mod, name, timed(name, getattr(bounded_mod, name)))
     grads = bounded_mod.BoundedGrads
@@ -97,10 +85,11 @@ def main(argv=None) -> dict:
     rows: dict[str, list[dict]] = collections.defaultdict(list)
     for i, batch in enumerate(batches[1:]):
         for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
-            acc.clear()
+            timers.take()
             times = v.step(batch)
+            parts = timers.take()
             if i >= args.warmup:
-                rows[v.name].append({**times, **acc})
+                rows[v.name].append({**times, **parts})
     result = {
         "benchmark": "profile_bounded",
         "setting": vars(args),
