@@ -17,7 +17,7 @@ default), and ID3 with a dense embedding gradient (`id3_dense_grads`, what the r
 weights inside the layers must at least spend; LoRA adds its adapters to it); `floor_rest`: the same, but
 the tensors ID3 still scores densely (biases, norms, position embeddings) train with AdamW: the floor of the
 bounded path, which replaces only the large Linear weights' dW (and the table's, by row-sparse gradients). ID3 with bounded weight gradients (`id3_bounded`; `id3_bounded_torch`: the same without its native
-kernels, ID3_NATIVE=0; `id3_bounded_bound`: every layer by the bound, never GEMM rows); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
+kernels, ID3_NATIVE=0; `id3_bounded_bound`: every layer by the bound, never GEMM rows; `id3_bounded_bound_torch`: that with the torch code); peft LoRA r=8 on query/value (fused AdamW); the official `selective-optimizers`
 0.4 ID3 when importable (optional: `pip install --no-deps --target /tmp/so-site selective-optimizers==0.4`, then
 PYTHONPATH=/tmp/so-site). A step is forward + backward + (ID3: scoring, selection, masking) +
 optimizer step + zero_grad. ID3 starts mid-schedule (step T/2, half the budget unmasked, chosen by
@@ -70,10 +70,10 @@ class Variant:
 
     def __init__(self, name: str, model, optimizer, engine: ID3Engine | None = None) -> None:
         self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
-        # `id3_bounded_torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
-        self.native = "0" if name == "id3_bounded_torch" else "1"
-        # `id3_bounded_bound`: every layer by the bound (no GEMM rows, whatever its live tokens)
-        self.dense_tokens = 0 if name == "id3_bounded_bound" else DENSE_TOKENS
+        # `..._torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
+        self.native = "0" if name.endswith("_torch") else "1"
+        # `id3_bounded_bound[_torch]`: every layer by the bound (no GEMM rows, whatever its live tokens)
+        self.dense_tokens = 0 if name.startswith("id3_bounded_bound") else DENSE_TOKENS
 
     def activate(self) -> None:
         """This variant's settings of the bounded path, which it reads per call: variants interleave in one process."""
@@ -146,6 +146,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             "id3_bounded_torch",
             "id3_bounded_keep",
             "id3_bounded_bound",
+            "id3_bounded_bound_torch",
         ):
             # Row-sparse embedding gradients as ID3Trainer sets them by default; `id3_dense_grads` without.
             # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads), with
@@ -501,8 +502,16 @@ def main(argv=None) -> dict:
         "--ab-steps", type=int, default=20, help="steps of each mode in the row-sparse gradient A/B (0: skip)"
     )
     parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="bounded.MARGIN for every variant (τ_guess = margin x last cut)",
+    )
     parser.add_argument("--out", default=str(benchutil.RESULTS / "step.json"))
     args = parser.parse_args(argv)
+    if args.margin is not None:
+        bounded_mod.MARGIN = args.margin
     result = run(args)
     return benchutil.save_result(result, args.out, markdown)
 

@@ -14,8 +14,8 @@ usual and, instead of dW:
 - otherwise the bound. Over G contiguous token groups, |dW_ij| <= Σ_g ‖g_g,i‖·‖h_g,j‖ (Cauchy–Schwarz per
   group), so bound_ij / (|θ_ij| + ε)^exp bounds the D3 score. O((in + out)·T) for the norms, O(in·out·G)
   for the bound, computed one row block at a time into a reused buffer; exact scores for the masked
-  entries whose bound reaches a threshold τ: gathered dot products over T (`torch.sparse.sampled_addmm`,
-  one call per layer), or one GEMM for a row block where more than `DENSE_FRACTION` of its entries survive;
+  entries whose bound reaches a threshold τ: gathered dot products over T (`sampled_products`, one call per
+  layer), or one GEMM for a row block where more than `DENSE_FRACTION` of its entries survive;
 - exact gradients at U, kept as `UnmaskedSet.grad_stash` (what `SparseAdamW`, the gradient norm and
   clipping read when `p.grad` is None): from the GEMM rows, or from one GEMM over the box of rows x columns
   the unmasked entries cluster in (`unmasked_products`). The weight's `p.grad` is never allocated.
@@ -25,13 +25,17 @@ for every row outside the step's input tokens; `bounded_tied.py` scores the toke
 also has the embedding's part, at `step()` (`BoundedGrads.finish_backward`).
 
 Native kernels (`native.py`, plain C compiled on first use): the live-token scan, the scoring of GEMM row
-blocks (one pass that hands the running top-k only the entries at or above its k-th value) and the group
-bound (one pass, rows that cannot reach the level skipped). The first two give the torch code's results
-bitwise (kept tokens; scores, gradients and top-k). The bound sums its G products in another order than the
-torch GEMM, so its candidate set could differ from the torch code's for an entry within float rounding of the
-level (1e-5 below the cut). Both sets hold every entry scoring >= τ, so an entry in one only scores below the
-cut and is never selected; the top-k can differ only if it tips a row block over `DENSE_FRACTION` (GEMM rather
-than gathered products: other roundings). tests/test_native.py checks the whole path bitwise on random layers. The torch code runs wherever they do not apply
+blocks (one pass that hands the running top-k only the entries at or above its k-th value), the group bound
+(one pass, rows that cannot reach the level skipped), the group norms (one pass, no squared copy) and the
+gathered dot products. The first two give the torch code's results bitwise (kept tokens; scores, gradients
+and top-k), so the default cost model's branch (GEMM rows) is bitwise the torch code's. The bound branch's
+sums run in other orders than the torch code's (group norms: a sequential sum, not a GEMM; dot products:
+32 running sums, not sampled_addmm's), so there a score can differ in the last bits and a candidate set
+near the level; each is still a bound or an fp32 evaluation of the same sum, inside `slack`, so the step
+stays certified-exact and the selection differs only where two scores tie within rounding. The two native
+dot-product kernels keep the same order, so a value never depends on the other pairs of its call.
+tests/test_native.py checks the GEMM-rows branch bitwise and the bound branch up to that rounding (bitwise
+where every sum is exact) on random layers. The torch code runs wherever the kernels do not apply
 (`ID3_NATIVE=0`, no compiler, exp other than 0 or 1, a block with a non-finite score).
 
 **Exactness is certified.** Verified entries go into one running top-k per backward (`_Pass.top`). Its k-th
@@ -77,7 +81,8 @@ from .selection import INELIGIBLE, StreamingTopK, TensorScorer, at_least
 # group, 0.16% with 16) for O(in·out·G) more work, 1.6% of a GEMM's at T = 1024.
 GROUPS = 16
 # A row block whose surviving entries exceed this fraction is computed by one GEMM (measured on 2 cores, T = 1024:
-# sampled_addmm ~300-600 ns per entry against ~40 ns for a GEMM's entry).
+# sampled_addmm ~300-600 ns per entry against ~40 ns for a GEMM's entry; at T = 512, 1 thread, 2026-12-02:
+# native gathered products ~25-170 ns, a GEMM entry ~5.6 ns, so 0.08 stays near the crossover).
 DENSE_FRACTION = 0.08
 # τ_guess = MARGIN x last step's cut: lower verifies more entries, higher risks an uncertified step.
 MARGIN = 0.9
@@ -93,6 +98,11 @@ BLOCK_ENTRIES = 1 << 20
 # most this many entries per unmasked one (they cluster: MiniLM mid-run, 18K entries in a 137K box), else from
 # gathered dot products. Measured on 2 cores: a GEMM entry ~40 ns at T = 1024, a gathered one ~600-1800 ns.
 BOX_FACTOR = 32
+# With the native dot products (~25 ns per pair at T = 512, 1 thread, against ~5.6 ns for a GEMM's entry).
+BOX_FACTOR_NATIVE = 4
+# Native gathered products: pairs read in place while fewer than this many per column they read (of a and b
+# together); else the columns are copied first. Measured crossover at T = 512, 1 thread: ~4.4 (AVX-512).
+PAIR_FACTOR = 4
 # Tokens are dropped from a layer's products when at least this fraction contribute exactly nothing (padding,
 # and every position but the pooled one in the last layer of a classifier: 86% of MiniLM's on SST-2 16 x 64).
 DEAD_FRACTION = 1 / 16
@@ -116,10 +126,15 @@ def slack(tokens: int) -> float:
 def group_norms(a: torch.Tensor, groups: int) -> torch.Tensor:
     """(G x n) norms of the columns of `a` (T x n) over G contiguous token groups, each >= the exact norm.
 
-    Squares in fp32 (one GEMM with a 0/1 group matrix sums them): a square below 2^-126 may lose its value,
-    so T·2^-126 is added to every sum; the factor covers the sum's and the root's rounding."""
+    Squares in fp32, summed in one pass by the native kernel or by one GEMM with a 0/1 group matrix (another
+    order: the two can differ in the last bits, both bound the norm): a square below 2^-126 may lose its
+    value, so T·2^-126 is added to every sum; the factor covers the sum's and the root's rounding."""
     t = a.shape[0]
-    sums = _group_matrix(t, max(1, min(groups, t)), a.dtype, a.device).mm(a.square())
+    groups = max(1, min(groups, t))
+    if native.library() is not None and native.takes(a) and t > 0:
+        sums = native.group_square_sums(a, groups)  # no squared copy of `a` (the output layer's: 100 MB)
+    else:
+        sums = _group_matrix(t, groups, a.dtype, a.device).mm(a.square())
     return sums.add_(t * 2.0**-126).sqrt_().mul_(1 + 2 * t * 2.0**-24)
 
 
@@ -162,39 +177,56 @@ def live_tokens(grad: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
 
 def unmasked_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """(aᵀb).view(-1)[flat]: one GEMM over the smallest box holding the entries (their rows x all columns, or
-    their rows x their columns) when it is at most `BOX_FACTOR` times their number, else gathered dot
-    products. The same inputs give the same values."""
+    their rows x their columns) when it is at most `BOX_FACTOR` (native dot products: `BOX_FACTOR_NATIVE`)
+    times their number, else gathered dot products. The same inputs give the same values."""
     n = flat.numel()
     if n == 0:
         return a.new_empty(0)
+    factor = BOX_FACTOR_NATIVE if _native_dots(a, b) else BOX_FACTOR
     cols = b.shape[1]
     rows, row_at = torch.unique(flat // cols, return_inverse=True)
-    if rows.numel() * cols <= BOX_FACTOR * n:
+    if rows.numel() * cols <= factor * n:
         return a.index_select(1, rows).t().mm(b)[row_at, flat % cols]
     columns, column_at = torch.unique(flat % cols, return_inverse=True)
-    if rows.numel() * columns.numel() <= BOX_FACTOR * n:
+    if rows.numel() * columns.numel() <= factor * n:
         return a.index_select(1, rows).t().mm(b.index_select(1, columns))[row_at, column_at]
-    return gathered_products(a.t().contiguous(), b, flat)
+    return gathered_products(a, b, flat)
 
 
-def gathered_products(a_t: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+def gathered_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """(aᵀb).view(-1)[flat] for flat indices in any order (see `sampled_products`)."""
     cols = b.shape[1]
     order = torch.argsort(flat)
     ordered = flat[order]
-    out = torch.empty(flat.numel(), dtype=a_t.dtype, device=a_t.device)
-    out[order] = sampled_products(a_t, b, ordered // cols, ordered % cols)
+    out = torch.empty(flat.numel(), dtype=a.dtype, device=a.device)
+    out[order] = sampled_products(a, b, ordered // cols, ordered % cols)
     return out
 
 
 def sampled_products(
-    a_t: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
     """(aᵀb)[rows, cols] for (row, col) pairs sorted row-major, without computing aᵀb: one dot product over T
-    per pair. `a_t` is aᵀ contiguous (rows x T), `b` is (T x cols). Each value depends only on its own pair."""
+    per pair, `a` (T x rows) and `b` (T x cols). Each value depends only on its own pair.
+
+    Native kernels, one fixed order of summing (the same values from either, so a value never depends on
+    the other pairs): few pairs are read token by token from `a` and `b` as stored (~0.3 ns per pair and
+    token, 1 thread, AVX-512 gathers); many, as dot products over contiguous copies of just the columns they
+    read (~25 ns per pair at T = 512, plus ~1.4 ns per copied element). Torch code:
+    `torch.sparse.sampled_addmm` over aᵀ (~40 ns per pair, ~400 for a call of 1,000 pairs). The native and
+    torch values sum in different orders, so they can differ in the last bits."""
     n = rows.numel()
     if n == 0:
-        return a_t.new_empty(0)
+        return a.new_empty(0)
+    if _native_dots(a, b):
+        used_rows, row_at = torch.unique_consecutive(rows, return_inverse=True)
+        used_cols, col_at = torch.unique(cols, return_inverse=True)
+        if n < PAIR_FACTOR * (used_rows.numel() + used_cols.numel()) and a.stride(1) == b.stride(1) == 1:
+            return native.pair_dots(a, b, rows, cols)  # cheaper than copying the columns they read
+        a_used = a.index_select(1, used_rows).t().contiguous()  # the columns of a that pairs read, as rows
+        b_used = b.index_select(1, used_cols).t().contiguous()
+        return native.gathered_dots(a_used.t(), b_used.t(), row_at, col_at)
+    a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
     height = a_t.shape[0]
     crow = torch.zeros(height + 1, dtype=torch.long, device=rows.device)
     crow[1:] = torch.bincount(rows, minlength=height).cumsum(0)
@@ -204,6 +236,14 @@ def sampled_products(
             crow, cols, a_t.new_zeros(n), (height, b.shape[1]), check_invariants=False
         )
         return torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
+
+
+def _native_dots(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        native.library() is not None
+        and a.dtype == b.dtype == torch.float32
+        and a.device.type == b.device.type == "cpu"
+    )
 
 
 def bounded_weight_grad(
@@ -272,8 +312,7 @@ def bounded_weight_grad(
         pos = torch.searchsorted(excluded, cand).clamp_(max=excluded.numel() - 1)
         cand = cand[excluded[pos] != cand]
     if cand.numel():
-        a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
-        grads = sampled_products(a_t, b, cand // cols, cand % cols)
+        grads = sampled_products(a, b, cand // cols, cand % cols)
         scores = d3_scores(grads, w.reshape(-1)[cand], eps, exp)
         top.push_candidates(scores, cand + offset, grads)  # NaN scores (NaN weights) are dropped there
     return verified + cand.numel(), kept

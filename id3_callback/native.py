@@ -5,7 +5,9 @@ second with the system C compiler. The library is cached per user, keyed by the 
 compiler and the CPU (`-march=native` code must not run on another CPU), and written under a temporary name,
 then renamed into place, so a concurrent or interrupted build never leaves a broken one. Everything here is
 optional: with `ID3_NATIVE=0`, no compiler, a failed build or tensors the kernels do not take (not float32 on
-the CPU, not row-contiguous), the callers run their torch code, which gives the same results bitwise.
+the CPU, not row-contiguous), the callers run their torch code: the same results bitwise for the live-token
+scan and the scoring, the same up to fp32 rounding (another order of summing) for the bound branch's group
+norms and gathered dot products (`bounded`'s docstring says why that keeps every step exact).
 
 Example:
     >>> from id3_callback import native
@@ -47,6 +49,9 @@ _SIGNATURES = {
         _I64,
         [_P, _I64, _P, _I64, _I64, _P, _I64, _I64, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P],
     ),
+    "id3_gathered_dots": (None, [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P]),
+    "id3_group_square_sums": (None, [_P, _I64, _I64, _I64, _I64, _P]),
+    "id3_pair_dots": (None, [_P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P]),
 }
 
 
@@ -201,3 +206,43 @@ def bound_hits(
         low, level, pos.data_ptr(),
     )  # fmt: skip
     return None if found < 0 else pos[:found].clone()
+
+
+def gathered_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(aᵀb)[rows, cols] for pairs sorted by row, one dot product over T per pair (`bounded.sampled_products`).
+    `a` (T x R) and `b` (T x C) with any strides: a column that is not contiguous is copied once (per row of
+    `a` holding pairs, per pair for `b`), so pass a transposed copy (`x.t().contiguous().t()`) when most of
+    its columns are read. Summed in the kernel's fixed order, not sampled_addmm's."""
+    n, tokens = rows.numel(), a.shape[0]
+    out = torch.empty(n, dtype=torch.float32)
+    buf = torch.empty(max(2 * tokens, 1), dtype=torch.float32)
+    rows, cols = rows.contiguous(), cols.contiguous()
+    library().id3_gathered_dots(
+        a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1), tokens, rows.data_ptr(),
+        cols.data_ptr(), n, out.data_ptr(), buf.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def pair_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(aᵀb)[rows, cols] for pairs in any order, read token by token from `a` (T x R) and `b` (T x C) as
+    stored (rows contiguous): nothing transposed or copied. The values are `gathered_dots`' bitwise (the
+    same order of sums), and each depends only on its own pair."""
+    n, tokens = rows.numel(), a.shape[0]
+    out = torch.empty(n, dtype=torch.float32)
+    sums = torch.empty(32 * 256, dtype=torch.float32)
+    rows, cols = rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous()
+    library().id3_pair_dots(
+        a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), tokens, rows.data_ptr(), cols.data_ptr(), n,
+        out.data_ptr(), sums.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def group_square_sums(a: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups x n) sums of squares of the columns of `a` (T x n, rows contiguous) over contiguous token
+    groups, in one pass (`bounded.group_norms` without the squared copy and the GEMM)."""
+    tokens, n = a.shape
+    out = torch.empty(groups, n, dtype=torch.float32)
+    library().id3_group_square_sums(a.data_ptr(), a.stride(0), tokens, n, groups, out.data_ptr())
+    return out

@@ -3,10 +3,15 @@
 Each replaces a handful of torch ops that would each read (and often write) the whole block: one pass here,
 no temporaries. Single-threaded on purpose: no second OpenMP runtime next to torch's, and no barrier to wait
 on when other jobs share the CPU (see bounded.THREADS). Built with -ffp-contract=off and without fast-math,
-so every float operation is the IEEE one torch performs: the scores are bitwise torch's. */
+so every float operation is the IEEE one torch performs: the scores are bitwise torch's. The bound branch's
+sums (group norms, gathered dot products) are the exception: torch's GEMMs sum in an order of their own,
+so those agree with it up to rounding, which bounded.slack covers. */
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 static inline uint32_t bits(float x) {
     uint32_t u;
@@ -133,4 +138,116 @@ int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int6
         }
     }
     return found;
+}
+
+/* Σ_t x[t]·y[t] over contiguous rows, in a fixed order: 32 running sums (4 AVX registers, independent
+   chains), then the sums added pairwise. Another order than sampled_addmm's or a GEMM's, so a value can
+   differ from theirs in the last bits; the bound's slack covers any order (bounded.slack). */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float dot(const float *x, const float *y, int64_t n) {
+    v8 acc[4] = {{0}};
+    int64_t t = 0;
+    for (; t + 32 <= n; t += 32)
+        for (int k = 0; k < 4; k++) acc[k] += load8(x + t + 8 * k) * load8(y + t + 8 * k);
+    float tail[32] = {0};
+    for (int k = 0; t + k < n; k++) tail[k] = x[t + k] * y[t + k];
+    for (int k = 0; k < 4; k++) acc[k] += load8(tail + 8 * k);
+    v8 sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    float lanes[8];
+    memcpy(lanes, &sum, sizeof lanes);
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+/* (aᵀb)[rows[p], cols[p]] for n pairs sorted by row (bounded.sampled_products): one dot product over the T
+   tokens per pair. Element (t, i) of a is a[t·a_tok + i·a_row], element (t, j) of b is b[t·b_tok + j·b_col].
+   A column that is not contiguous (a_tok or b_tok != 1) is copied into `buf` (2T floats) first, once per row
+   of a, once per pair for b: so neither need be transposed whole when few pairs are asked for. The copy
+   changes no value: each is the same `dot` of the same numbers, and depends only on its own pair. */
+void id3_gathered_dots(const float *a, int64_t a_tok, int64_t a_row, const float *b, int64_t b_tok,
+                       int64_t b_col, int64_t tokens, const int64_t *rows, const int64_t *cols, int64_t n,
+                       float *out, float *buf) {
+    int64_t current = -1;
+    const float *x = buf, *y = buf + tokens;
+    for (int64_t p = 0; p < n; p++) {
+        if (rows[p] != current) {
+            current = rows[p];
+            const float *column = a + current * a_row;
+            if (a_tok == 1) {
+                x = column;
+            } else {
+                for (int64_t t = 0; t < tokens; t++) buf[t] = column[t * a_tok];
+                x = buf;
+            }
+        }
+        const float *column = b + cols[p] * b_col;
+        if (b_tok == 1) {
+            y = column;
+        } else {
+            for (int64_t t = 0; t < tokens; t++) buf[tokens + t] = column[t * b_tok];
+            y = buf + tokens;
+        }
+        out[p] = dot(x, y, tokens);
+    }
+}
+
+/* out[g, j] = Σ_{t in group g} a[t, j]², groups contiguous (token t in group t·groups / tokens, as
+   bounded._group_matrix): one pass over a (T x n, row stride a_stride), no squared copy. out is groups x n,
+   zeroed here. */
+void id3_group_square_sums(const float *a, int64_t a_stride, int64_t tokens, int64_t n, int64_t groups,
+                           float *out) {
+    memset(out, 0, (size_t)(groups * n) * sizeof(float));
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *row = a + t * a_stride;
+        float *sums = out + (t * groups / tokens) * n;
+        for (int64_t j = 0; j < n; j++) sums[j] += row[j] * row[j];
+    }
+}
+
+/* (aᵀb)[rows[p], cols[p]] for n pairs in any order (bounded.sampled_products), token by token: a (T x R) and b
+   (T x C) are read row by row, as stored, so nothing is transposed or copied; pairs go in chunks whose sums
+   and indices stay in cache while the rows stream by (16 pairs per step by gathers where the CPU has them).
+   Each pair keeps `dot`'s 32 running sums (token t into sum t mod 32, the last partial block's missing tokens
+   as +0) and adds them up in `dot`'s order: the values are `id3_gathered_dots`' bitwise, whichever the
+   caller picks. */
+void id3_pair_dots(const float *a, int64_t a_stride, const float *b, int64_t b_stride, int64_t tokens,
+                   const int32_t *rows, const int32_t *cols, int64_t n, float *out, float *sums) {
+    enum { CHUNK = 256, LANES = 32 };
+    int64_t whole = tokens / LANES * LANES;
+    for (int64_t p0 = 0; p0 < n; p0 += CHUNK) {
+        int64_t len = n - p0 < CHUNK ? n - p0 : CHUNK;
+        const int32_t *restrict r = rows + p0, *restrict c = cols + p0;
+        memset(sums, 0, sizeof(float) * LANES * CHUNK);
+        for (int64_t t = 0; t < tokens + (tokens == whole ? 0 : LANES - (tokens - whole)); t++) {
+            float *restrict acc = sums + (t % LANES) * CHUNK;
+            if (t >= tokens) { /* `dot`'s tail adds +0 to the sums no token reached */
+                for (int64_t p = 0; p < len; p++) acc[p] += 0.0f;
+                continue;
+            }
+            const float *restrict ar = a + t * a_stride, *restrict br = b + t * b_stride;
+            int64_t p = 0;
+#ifdef __AVX512F__ /* a multiply, then an add: the scalar loop's roundings */
+            for (; p + 16 <= len; p += 16) {
+                __m512 x = _mm512_i32gather_ps(_mm512_loadu_si512(r + p), ar, 4);
+                __m512 y = _mm512_i32gather_ps(_mm512_loadu_si512(c + p), br, 4);
+                _mm512_storeu_ps(acc + p, _mm512_add_ps(_mm512_loadu_ps(acc + p), _mm512_mul_ps(x, y)));
+            }
+#endif
+            for (; p < len; p++) acc[p] += ar[r[p]] * br[c[p]];
+        }
+        for (int64_t p = 0; p < len; p++) {
+            float lane[8];
+            for (int j = 0; j < 8; j++) {
+                const float *s = sums + j * CHUNK + p;
+                lane[j] = (s[0] + s[8 * CHUNK]) + (s[16 * CHUNK] + s[24 * CHUNK]);
+            }
+            out[p0 + p] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+        }
+    }
 }

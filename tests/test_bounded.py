@@ -76,12 +76,12 @@ def _kernel_top(a, b, w, idx, tau, k, eps=1e-3, exp=1.0):
 def test_sampled_products_are_the_gemm_entries_and_independent_of_the_pattern():
     a, b, w, _ = _layer()
     every = torch.arange(w.numel())
-    all_values = gathered_products(a.t().contiguous(), b, every)
+    all_values = gathered_products(a, b, every)
     torch.testing.assert_close(all_values, (a.t() @ b).view(-1), rtol=1e-5, atol=1e-5)
     some = torch.tensor([417, 3, 250, 3 * 20 + 7])  # any order
-    assert torch.equal(gathered_products(a.t().contiguous(), b, some), all_values[some])
+    assert torch.equal(gathered_products(a, b, some), all_values[some])
     rows, cols = torch.tensor([0, 0, 5]), torch.tensor([1, 19, 2])
-    assert torch.equal(sampled_products(a.t().contiguous(), b, rows, cols), all_values[rows * 20 + cols])
+    assert torch.equal(sampled_products(a, b, rows, cols), all_values[rows * 20 + cols])
 
 
 def test_group_norm_bound_holds_for_every_entry():
@@ -135,7 +135,7 @@ def test_kernel_equals_brute_force_over_the_same_scores(exp, fraction, tau_of_cu
     elif fraction == 0.0:
         grads = torch.cat([a[:, r : r + 4].t().mm(b).view(-1) for r in range(0, 24, 4)])
     else:
-        grads = gathered_products(a.t().contiguous(), b, torch.arange(w.numel()))
+        grads = gathered_products(a, b, torch.arange(w.numel()))
     scores = d3_scores(grads, w.view(-1), 1e-3, exp)
     scores[idx] = float("-inf")
     expected = brute_force_topk([scores], k)
