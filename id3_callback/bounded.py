@@ -225,7 +225,7 @@ def sampled_products(
             return native.pair_dots(a, b, rows, cols)  # cheaper than copying the columns they read
         a_used = a.index_select(1, used_rows).t().contiguous()  # the columns of a that pairs read, as rows
         b_used = b.index_select(1, used_cols).t().contiguous()
-        return native.gathered_dots(a_used.t(), b_used.t(), row_at, col_at)
+        return native.gathered_dots(a_used, b_used, row_at, col_at)
     a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
     height = a_t.shape[0]
     crow = torch.zeros(height + 1, dtype=torch.long, device=rows.device)

@@ -49,9 +49,9 @@ _SIGNATURES = {
         _I64,
         [_P, _I64, _P, _I64, _I64, _P, _I64, _I64, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P],
     ),
-    "id3_gathered_dots": (None, [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _P]),
+    "id3_gathered_dots": (None, [_P, _P, _I64, _P, _P, _I64, _P]),
     "id3_group_square_sums": (None, [_P, _I64, _I64, _I64, _I64, _P]),
-    "id3_pair_dots": (None, [_P, _I64, _P, _I64, _I64, _P, _P, _I64, _P, _P]),
+    "id3_pair_dots": (None, [_P, _I64, _P, _I64, _I64, _P, _P, _I64, _P]),
 }
 
 
@@ -208,19 +208,18 @@ def bound_hits(
     return None if found < 0 else pos[:found].clone()
 
 
-def gathered_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(aᵀb)[rows, cols] for pairs sorted by row, one dot product over T per pair (`bounded.sampled_products`).
-    `a` (T x R) and `b` (T x C) with any strides: a column that is not contiguous is copied once (per row of
-    `a` holding pairs, per pair for `b`), so pass a transposed copy (`x.t().contiguous().t()`) when most of
-    its columns are read. Summed in the kernel's fixed order, not sampled_addmm's."""
-    n, tokens = rows.numel(), a.shape[0]
+def gathered_dots(a_t: torch.Tensor, b_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(aᵀb)[rows, cols] for pairs in any order, one dot product over T per pair (`bounded.sampled_products`),
+    from the transposes: `a_t` (R x T) and `b_t` (C x T), contiguous, so each pair reads two contiguous runs.
+    Summed in the kernel's fixed order, not sampled_addmm's."""
+    if not (a_t.is_contiguous() and b_t.is_contiguous()):
+        raise ValueError("gathered_dots takes contiguous transposes (x.t().contiguous()) of both operands")
+    n, tokens = rows.numel(), a_t.shape[1]
     out = torch.empty(n, dtype=torch.float32)
-    buf = torch.empty(max(2 * tokens, 1), dtype=torch.float32)
     rows, cols = rows.contiguous(), cols.contiguous()
     library().id3_gathered_dots(
-        a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1), tokens, rows.data_ptr(),
-        cols.data_ptr(), n, out.data_ptr(), buf.data_ptr(),
-    )  # fmt: skip
+        a_t.data_ptr(), b_t.data_ptr(), tokens, rows.data_ptr(), cols.data_ptr(), n, out.data_ptr()
+    )
     return out
 
 
@@ -230,11 +229,10 @@ def pair_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.
     same order of sums), and each depends only on its own pair."""
     n, tokens = rows.numel(), a.shape[0]
     out = torch.empty(n, dtype=torch.float32)
-    sums = torch.empty(32 * 256, dtype=torch.float32)
     rows, cols = rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous()
     library().id3_pair_dots(
         a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), tokens, rows.data_ptr(), cols.data_ptr(), n,
-        out.data_ptr(), sums.data_ptr(),
+        out.data_ptr(),
     )  # fmt: skip
     return out
 

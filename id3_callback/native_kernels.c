@@ -165,36 +165,12 @@ static inline float dot(const float *x, const float *y, int64_t n) {
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-/* (aᵀb)[rows[p], cols[p]] for n pairs sorted by row (bounded.sampled_products): one dot product over the T
-   tokens per pair. Element (t, i) of a is a[t·a_tok + i·a_row], element (t, j) of b is b[t·b_tok + j·b_col].
-   A column that is not contiguous (a_tok or b_tok != 1) is copied into `buf` (2T floats) first, once per row
-   of a, once per pair for b: so neither need be transposed whole when few pairs are asked for. The copy
-   changes no value: each is the same `dot` of the same numbers, and depends only on its own pair. */
-void id3_gathered_dots(const float *a, int64_t a_tok, int64_t a_row, const float *b, int64_t b_tok,
-                       int64_t b_col, int64_t tokens, const int64_t *rows, const int64_t *cols, int64_t n,
-                       float *out, float *buf) {
-    int64_t current = -1;
-    const float *x = buf, *y = buf + tokens;
-    for (int64_t p = 0; p < n; p++) {
-        if (rows[p] != current) {
-            current = rows[p];
-            const float *column = a + current * a_row;
-            if (a_tok == 1) {
-                x = column;
-            } else {
-                for (int64_t t = 0; t < tokens; t++) buf[t] = column[t * a_tok];
-                x = buf;
-            }
-        }
-        const float *column = b + cols[p] * b_col;
-        if (b_tok == 1) {
-            y = column;
-        } else {
-            for (int64_t t = 0; t < tokens; t++) buf[tokens + t] = column[t * b_tok];
-            y = buf + tokens;
-        }
-        out[p] = dot(x, y, tokens);
-    }
+/* (aᵀb)[rows[p], cols[p]] for n pairs in any order (bounded.sampled_products): one `dot` over the T tokens
+   per pair. The caller passes the transposes, contiguous: a_t (R x T) and b_t (C x T), the columns of a and b
+   as rows, so each pair reads two contiguous runs. Each value depends only on its own pair. */
+void id3_gathered_dots(const float *a_t, const float *b_t, int64_t tokens, const int64_t *rows,
+                       const int64_t *cols, int64_t n, float *out) {
+    for (int64_t p = 0; p < n; p++) out[p] = dot(a_t + rows[p] * tokens, b_t + cols[p] * tokens, tokens);
 }
 
 /* out[g, j] = Σ_{t in group g} a[t, j]², groups contiguous (token t in group t·groups / tokens, as
@@ -217,8 +193,9 @@ void id3_group_square_sums(const float *a, int64_t a_stride, int64_t tokens, int
    as +0) and adds them up in `dot`'s order: the values are `id3_gathered_dots`' bitwise, whichever the
    caller picks. */
 void id3_pair_dots(const float *a, int64_t a_stride, const float *b, int64_t b_stride, int64_t tokens,
-                   const int32_t *rows, const int32_t *cols, int64_t n, float *out, float *sums) {
+                   const int32_t *rows, const int32_t *cols, int64_t n, float *out) {
     enum { CHUNK = 256, LANES = 32 };
+    float sums[LANES * CHUNK]; /* 32 KiB: a chunk's running sums, kept in L1/L2 while the rows stream by */
     int64_t whole = tokens / LANES * LANES;
     for (int64_t p0 = 0; p0 < n; p0 += CHUNK) {
         int64_t len = n - p0 < CHUNK ? n - p0 : CHUNK;
