@@ -208,7 +208,9 @@ def bound_hits(
     return None if found < 0 else pos[:found].clone()
 
 
-def gathered_dots(a_t: torch.Tensor, b_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def gathered_dots(
+    a_t: torch.Tensor, b_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """(aᵀb)[rows, cols] for pairs in any order, one dot product over T per pair (`bounded.sampled_products`),
     from the transposes: `a_t` (R x T) and `b_t` (C x T), contiguous, so each pair reads two contiguous runs.
     Summed in the kernel's fixed order, not sampled_addmm's."""

@@ -209,7 +209,9 @@ def test_gathered_dots_are_the_products(tokens):
     magnitude = (a.double().abs().t() @ b.double().abs()).view(-1)[flat]
     assert bool(((got.double() - exact).abs() <= (bounded_mod.slack(tokens) - 1) * magnitude).all())
     some = torch.tensor([0, 7, 149])  # each value depends only on its own pair
-    assert _equal(native.gathered_dots(a.t().contiguous(), b.t().contiguous(), rows[some], cols[some]), got[some])
+    assert _equal(
+        native.gathered_dots(a.t().contiguous(), b.t().contiguous(), rows[some], cols[some]), got[some]
+    )
     if tokens > 1:  # a strided view would be read wrongly (at T = 1 the view is contiguous)
         with pytest.raises(ValueError, match="contiguous transposes"):
             native.gathered_dots(a.t(), b.t().contiguous(), rows, cols)
