@@ -61,7 +61,9 @@ def gsm8k_batches(tokenizer, count: int, batch: int, seq: int) -> list[dict[str,
     return out
 
 
-def run_one(args, budget: float, batches: list[dict], make_model) -> dict:
+def run_one(args, budget: float, batches: list[dict], make_model, progress=None) -> dict:
+    """One budget's run; `progress(partial)` gets the summary so far every 50 steps (a long run cut short
+    still leaves its data)."""
     model = make_model()
     model.train()
     engine = ID3Engine(model, ID3Config(budget=budget, weight_grads="bounded"))
@@ -89,6 +91,12 @@ def run_one(args, budget: float, batches: list[dict], make_model) -> dict:
         )
         if (i + 1) % 50 == 0:
             print(f"  budget {budget}: step {i + 1}, survivors {last.get('survivors'):.4%}", flush=True)
+            if progress is not None and i + 1 < args.steps:
+                progress(summarize(engine, args, budget, steps))
+    return summarize(engine, args, budget, steps)
+
+
+def summarize(engine, args, budget: float, steps: list[dict]) -> dict:
     scored = [s for s in steps[1:] if s["survivors"] is not None]  # step 1 verifies everything (no cut yet)
     return {
         "budget_fraction": budget,
@@ -100,8 +108,9 @@ def run_one(args, budget: float, batches: list[dict], make_model) -> dict:
         "survivors_max": max(s["survivors"] for s in scored) if scored else None,
         "certified_rate": 1 - sum(s["uncertified"] for s in scored) / max(len(scored), 1),
         "uncertified_steps": engine.bounded.uncertified_steps,
-        "step_ms_median": statistics.median(s["ms"] for s in steps[1:]),
-        "steps": steps,
+        "step_ms_median": statistics.median(s["ms"] for s in steps[1:]) if len(steps) > 1 else None,
+        "steps_trained": len(steps),
+        "steps": list(steps),
     }
 
 
@@ -111,7 +120,7 @@ def markdown(result: dict) -> str:
         f"# Bounded weight gradients: survivors and certification ({s['model']}, {s['data']})",
         "",
         f"batch {s['batch']} x {s['seq']}, schedule T = {s['total_steps']}, {s['steps']} steps trained, "
-        f"{s['threads']} threads, bounded.DENSE_TOKENS = {s.get('dense_tokens')} (0: the bound scores every "
+        f"{s['threads']} threads{' (partial: cut short)' if result.get('partial') else ''}, bounded.DENSE_TOKENS = {s.get('dense_tokens')} (0: the bound scores every "
         "layer). Survivors: fraction of the bounded layers' masked entries whose exact "
         "score was computed (a GEMM row block counts whole); step 1 (no previous cut) excluded.",
         "",
@@ -120,6 +129,7 @@ def markdown(result: dict) -> str:
         [
             f"{r['budget_fraction']:g} ({r['budget']:,})",
             f"{r['u_per_step']:.0f}",
+            f"{r.get('steps_trained', len(r['steps']))}",
             f"{r['survivors_median']:.3%}",
             f"{r['survivors_max']:.3%}",
             f"{r['certified_rate']:.1%}",
@@ -127,7 +137,15 @@ def markdown(result: dict) -> str:
         ]
         for r in result["runs"]
     ]
-    header = ["budget", "u per step", "survivors (median)", "survivors (max)", "certified", "step ms"]
+    header = [
+        "budget",
+        "u per step",
+        "steps",
+        "survivors (median)",
+        "survivors (max)",
+        "certified",
+        "step ms",
+    ]
     lines.append(benchutil.markdown_table(header, rows))
     return "\n".join(lines) + "\n"
 
@@ -199,26 +217,37 @@ def main(argv=None) -> dict:
         import copy
 
         make_model, label, data = lambda: copy.deepcopy(base), "SmolLM2-135M-Instruct", "GSM8K train text"
-    runs = []
-    for budget in (float(b) for b in args.budgets.split(",")):
-        runs.append(run_one(args, budget, batches, make_model))
-    result = {
-        "benchmark": "bounded",
-        "setting": {
-            "model": label,
-            "data": data,
-            "batch": batch,
-            "seq": seq,
-            "total_steps": args.total_steps,
-            "steps": args.steps,
-            "threads": args.threads,
-            "dense_tokens": bounded_mod.DENSE_TOKENS,
-        },
-        "machine": benchutil.machine(),
-        "runs": runs,
-    }
     out = args.out or str(benchutil.RESULTS / f"bounded_{args.model}.json")
-    return benchutil.save_result(result, out, markdown)
+    runs = []
+
+    def result_of(done: list[dict], partial: bool) -> dict:
+        return {
+            "benchmark": "bounded",
+            "setting": {
+                "model": label,
+                "data": data,
+                "batch": batch,
+                "seq": seq,
+                "total_steps": args.total_steps,
+                "steps": args.steps,
+                "threads": args.threads,
+                "dense_tokens": bounded_mod.DENSE_TOKENS,
+            },
+            "machine": benchutil.machine(),
+            "partial": partial,
+            "runs": done,
+        }
+
+    for budget in (float(b) for b in args.budgets.split(",")):
+        runs.append(
+            run_one(
+                args, budget, batches, make_model,
+                lambda partial: benchutil.save_result(result_of([*runs, partial], True), out, markdown),
+            )
+        )  # fmt: skip
+        if len(runs) < len(args.budgets.split(",")):
+            benchutil.save_result(result_of(runs, True), out, markdown)
+    return benchutil.save_result(result_of(runs, False), out, markdown)
 
 
 if __name__ == "__main__":
