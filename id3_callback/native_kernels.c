@@ -7,7 +7,9 @@ so every float operation is the IEEE one torch performs: the scores are bitwise 
 sums (group norms, gathered dot products) are the exception: torch's GEMMs sum in an order of their own,
 so those agree with it up to rounding, which bounded.slack covers. */
 
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -92,7 +94,13 @@ int64_t id3_score_block(const float *g, const float *w, int64_t n, const int64_t
    entries whose bound Σ_g an[g, i]·bn[g, j] may reach the level, written to `pos`; returns their number.
    `an` is G x rows (row stride an_stride), `bn` G x cols contiguous. exp 0: bound >= level; exp 1:
    bound - low·|w| >= level (level = low·eps): the comparisons of the torch code, whose 1e-5 margin covers
-   any order of summing the G products. At most 64 groups (else -1). */
+   any order of summing the G products. At most 64 groups (else -1, also when out of memory).
+
+   Most entries fail, so each strip of 32 is first tested against the Cauchy-Schwarz bound over the groups,
+   Σ_g an[g, i]·bn[g, j] <= ‖an[:, i]‖·‖bn[:, j]‖: one product per entry instead of G. The norms are taken in
+   double and rounded up, and the product raised by 1e-4 (relative) and 1e-38 (absolute, for underflow),
+   far more than the G-term float sum can exceed the exact one; float rounding is monotone, so an entry
+   this test rejects fails the full one too, and the hits are exactly the full test's. */
 int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int64_t groups, int64_t cols,
                        const float *w, int64_t r0, int64_t r1, int exp, float low, float level, int64_t *pos) {
     enum { STRIP = 32, MAX_GROUPS = 64 }; /* STRIP: 4 AVX registers of sums, kept across the G products */
@@ -104,6 +112,13 @@ int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int6
         for (int64_t j = 0; j < cols; j++) m = bn[g * cols + j] > m ? bn[g * cols + j] : m;
         peak[g] = m;
     }
+    float *col_norm = malloc(sizeof(float) * (size_t)(cols > 0 ? cols : 1));
+    if (col_norm == NULL) return -1;
+    for (int64_t j = 0; j < cols; j++) {
+        double sq = 0.0;
+        for (int64_t g = 0; g < groups; g++) sq += (double)bn[g * cols + j] * bn[g * cols + j];
+        col_norm[j] = (float)(sqrt(sq) * (1.0 + 1e-6));
+    }
     for (int64_t i = r0; i < r1; i++) {
         /* No entry of row i can reach the level when Σ_g an[g, i]·max_j bn[g, j] (>= each bound, and the
            bound minus low·|w| is not larger) stays below it by more than its rounding: skip the row unread. */
@@ -112,8 +127,18 @@ int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int6
         if (row_peak * 1.0001f < level) continue;
         const float *wr = w + i * cols;
         int64_t base = (i - r0) * cols;
+        double row_sq = 0.0;
+        for (int64_t g = 0; g < groups; g++) row_sq += (double)an[g * an_stride + i] * an[g * an_stride + i];
+        float row_norm = (float)(sqrt(row_sq) * (1.0 + 1e-6));
         for (int64_t j0 = 0; j0 < cols; j0 += STRIP) {
             int64_t len = cols - j0 < STRIP ? cols - j0 : STRIP;
+            uint32_t may = 0; /* NaN or inf norms compare false below: such strips take the full test */
+            for (int64_t j = 0; j < len; j++) {
+                float pre = row_norm * col_norm[j0 + j] * 1.0001f + 1e-38f;
+                if (exp == 1) pre -= low * __builtin_fabsf(wr[j0 + j]);
+                may |= !(pre < level);
+            }
+            if (!may) continue;
             float acc[STRIP] = {0};
             if (len == STRIP) {
                 for (int64_t g = 0; g < groups; g++) {
@@ -137,6 +162,7 @@ int64_t id3_bound_hits(const float *an, int64_t an_stride, const float *bn, int6
                 if (acc[j] >= level) pos[found++] = base + j0 + j;
         }
     }
+    free(col_norm);
     return found;
 }
 

@@ -245,6 +245,46 @@ def test_sampled_products_do_not_depend_on_the_other_pairs(pair_factor, monkeypa
     assert _equal(bounded_mod.gathered_products(a, b, some), all_values[some])
 
 
+def _bound_values(an, bn, w, exp, low):
+    """The kernel's full test, Σ_g an·bn (minus low·|θ| for exp 1), in its float operations and order."""
+    acc = torch.zeros(an.shape[1], bn.shape[1])
+    for g in range(an.shape[0]):
+        acc = acc + an[g, :, None] * bn[g][None, :]
+    return (acc - torch.tensor(low) * w.abs() if exp == 1 else acc).view(-1)
+
+
+@needs_native
+@pytest.mark.parametrize("exp", [0, 1])
+@pytest.mark.parametrize(
+    "scale", ["plain", "tiny", "special"]
+)  # underflow of the norms' squares; inf / zeros
+@pytest.mark.parametrize("groups", [1, 16, 64])
+def test_bound_hits_prefilter_keeps_every_hit(exp, scale, groups):
+    """The Cauchy-Schwarz prefilter may only skip entries the full test rejects: the hits are exactly the
+    full G-term test's, at levels from everything-passes to almost-nothing-passes."""
+    gen = torch.Generator().manual_seed(groups + 7 * exp)
+    rows, cols = 50, 77  # a partial strip of 32 columns
+    an = torch.rand(groups, rows, generator=gen) ** 4  # skewed, as gradient norms are
+    bn = torch.rand(groups, cols, generator=gen) ** 4
+    w = torch.randn(rows, cols, generator=gen) * 0.05
+    if scale == "tiny":
+        an, bn = an * 1e-21, bn * 1e-21  # squares below float's smallest subnormal
+    if scale == "special":
+        an[:, 3], bn[:, 5], w[7, :] = 0.0, 0.0, 0.0
+        an[0, 9] = float("inf")
+    products = (an.double().t() @ bn.double()).view(-1)
+    low = float(torch.quantile(products[torch.isfinite(products)], 0.9)) if exp == 1 else 1.0
+    values = _bound_values(an, bn, w, exp, low)  # the full test's float values, so levels can sit on them
+    finite = torch.sort(values[torch.isfinite(values)]).values
+    for q in [0.0, 0.5, 0.9, 0.99, 0.999, 1.0]:  # from everything passing to one entry or none
+        level = float(finite[min(int(q * finite.numel()), finite.numel() - 1)]) if q else -1.0
+        low = level if exp == 0 else low
+        for r0, r1 in [(0, rows), (11, 12), (20, 45)]:
+            got = native.bound_hits(an, bn, w, r0, r1, exp, low, level)
+            want = (values.view(rows, cols)[r0:r1].reshape(-1) >= level).nonzero().view(-1)
+            assert torch.equal(got, want), (q, r0, r1)
+
+
 @needs_native
 @pytest.mark.parametrize("tokens,groups", [(37, 16), (16, 16), (5, 1), (64, 3)])
 def test_native_group_norms_bound_the_exact_norms(tokens, groups, monkeypatch):
