@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -323,6 +323,8 @@ def write_report(records: list[dict], out: Path, smoke: bool = False) -> str:
     runtime = sum(r.get("runtime_s", 0) for r in records) / 3600
     versions = ok[-1].get("versions", {}) if ok else {}
     host = ok[-1].get("host", {}) if ok else {}
+    cpus = Counter(r.get("host", {}).get("cpu", "?") for r in ok)  # sessions may land on other machines
+    cpu_text = ", ".join(f"{cpu} ({n} runs)" for cpu, n in cpus.most_common()) or "?"
     commits = sorted({r["versions"].get("git_commit") for r in ok if r.get("versions")} - {None})
     complete = not state["ready"] and not state["blocked"]
     text = f"""# ID3 on real data: study v2 (all-MiniLM-L6-v2, GLUE)
@@ -361,8 +363,8 @@ Fixed in `benchmarks/study/v2.py` before the first run (its docstring has the wh
 
 ## Progress and the cut
 
-Runs from {times[0] if times else "—"} to {times[-1] if times else "—"} (UTC), {runtime:.1f} worker-hours, two
-single-thread workers on {host.get("cpu", "?")} ({host.get("cores", "?")} cores), shared with development
+Runs from {times[0] if times else "—"} to {times[-1] if times else "—"} (UTC), {runtime:.1f} worker-hours, one or
+two single-thread workers on {cpu_text}, {host.get("cores", "?")} cores, shared with development
 work. Software: torch {versions.get("torch")}, transformers {versions.get("transformers")}, peft
 {versions.get("peft")}, selective-optimizers {versions.get("selective-optimizers")}; id3-callback at git
 {", ".join(commits) or "—"}.
