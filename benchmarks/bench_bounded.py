@@ -109,8 +109,7 @@ def summarize(engine, args, budget: float, steps: list[dict]) -> dict:
         "certified_rate": 1 - sum(s["uncertified"] for s in scored) / max(len(scored), 1),
         "uncertified_steps": engine.bounded.uncertified_steps,
         "step_ms_median": statistics.median(s["ms"] for s in steps[1:]) if len(steps) > 1 else None,
-        "steps_trained": len(steps),
-        "steps": list(steps),
+        "steps": steps,
     }
 
 
@@ -129,7 +128,7 @@ def markdown(result: dict) -> str:
         [
             f"{r['budget_fraction']:g} ({r['budget']:,})",
             f"{r['u_per_step']:.0f}",
-            f"{r.get('steps_trained', len(r['steps']))}",
+            f"{len(r['steps'])}",
             f"{r['survivors_median']:.3%}",
             f"{r['survivors_max']:.3%}",
             f"{r['certified_rate']:.1%}",
@@ -238,14 +237,13 @@ def main(argv=None) -> dict:
             "runs": done,
         }
 
-    for budget in (float(b) for b in args.budgets.split(",")):
-        runs.append(
-            run_one(
-                args, budget, batches, make_model,
-                lambda partial: benchutil.save_result(result_of([*runs, partial], True), out, markdown),
-            )
-        )  # fmt: skip
-        if len(runs) < len(args.budgets.split(",")):
+    def save_partial(partial: dict) -> None:
+        benchutil.save_result(result_of([*runs, partial], True), out, markdown)
+
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for budget in budgets:
+        runs.append(run_one(args, budget, batches, make_model, save_partial))
+        if len(runs) < len(budgets):
             benchutil.save_result(result_of(runs, True), out, markdown)
     return benchutil.save_result(result_of(runs, False), out, markdown)
 

@@ -197,8 +197,9 @@ def bound_hits(
     level: float,
 ) -> torch.Tensor | None:
     """`bounded._block_hits` for exp 0 or 1 in one pass, no bound-sized temporary: sorted block-local
-    positions of rows [r0, r1) whose group bound reaches the level (None: over 64 groups). `bn` and `weight`
-    contiguous. Rows whose largest possible bound stays below the level are skipped without reading them."""
+    positions of rows [r0, r1) whose group bound reaches the level (None: over 64 groups, or no memory for
+    the column norms). `bn` and `weight` contiguous. Rows whose largest possible bound stays below the level
+    are skipped without reading them."""
     cols = weight.shape[1]
     pos = torch.empty((r1 - r0) * cols, dtype=torch.long)
     found = library().id3_bound_hits(

@@ -255,9 +255,8 @@ def _bound_values(an, bn, w, exp, low):
 
 @needs_native
 @pytest.mark.parametrize("exp", [0, 1])
-@pytest.mark.parametrize(
-    "scale", ["plain", "tiny", "special"]
-)  # underflow of the norms' squares; inf / zeros
+# tiny: the norms' squares underflow; special: zeros and an inf
+@pytest.mark.parametrize("scale", ["plain", "tiny", "special"])
 @pytest.mark.parametrize("groups", [1, 16, 64])
 def test_bound_hits_prefilter_keeps_every_hit(exp, scale, groups):
     """The Cauchy-Schwarz prefilter may only skip entries the full test rejects: the hits are exactly the
