@@ -30,8 +30,7 @@ sys.path[:0] = [
 
 import benchutil  # noqa: E402
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW  # noqa: E402
-from id3_callback import bounded as bounded_mod  # noqa: E402
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, bounded_costs  # noqa: E402
 
 
 def gsm8k_batches(tokenizer, count: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
@@ -119,8 +118,8 @@ def markdown(result: dict) -> str:
         f"# Bounded weight gradients: survivors and certification ({s['model']}, {s['data']})",
         "",
         f"batch {s['batch']} x {s['seq']}, schedule T = {s['total_steps']}, {s['steps']} steps trained, "
-        f"{s['threads']} threads{' (partial: cut short)' if result.get('partial') else ''}, bounded.DENSE_TOKENS = {s.get('dense_tokens')} (0: the bound scores every "
-        "layer). Survivors: fraction of the bounded layers' masked entries whose exact "
+        f"{s['threads']} threads{' (partial: cut short)' if result.get('partial') else ''}, GEMM rows up to {s.get('dense_tokens', 'measured')} live tokens "
+        "(0: the bound scores every layer; None: each layer's branch measured in the first steps). Survivors: fraction of the bounded layers' masked entries whose exact "
         "score was computed (a GEMM row block counts whole); step 1 (no previous cut) excluded.",
         "",
     ]
@@ -189,14 +188,14 @@ def main(argv=None) -> dict:
         "--dense-tokens",
         type=int,
         default=None,
-        help="bounded.DENSE_TOKENS for the run (0: the bound scores every layer, as in the survivor study)",
+        help="a fixed GEMM-rows threshold for every layer (bounded_costs.FIXED_TOKENS; 0: the bound scores "
+        "every layer, as in the survivor study); default: each layer's branch measured in the first steps",
     )
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", action="append", default=[], help="result JSONs to plot into docs/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.dense_tokens is not None:
-        bounded_mod.DENSE_TOKENS = args.dense_tokens
+    bounded_costs.FIXED_TOKENS = args.dense_tokens
     if args.plot:
         results = [json.loads(open(p).read()) for p in args.plot]
         plot(results, os.path.join(os.path.dirname(benchutil.RESULTS), "..", "docs", "bounded_survivors.png"))
@@ -230,7 +229,7 @@ def main(argv=None) -> dict:
                 "total_steps": args.total_steps,
                 "steps": args.steps,
                 "threads": args.threads,
-                "dense_tokens": bounded_mod.DENSE_TOKENS,
+                "dense_tokens": bounded_costs.FIXED_TOKENS,
             },
             "machine": benchutil.machine(),
             "partial": partial,

@@ -53,10 +53,12 @@ import benchutil  # noqa: E402
 from official import make_official_id3, official_available  # noqa: E402
 
 import id3_callback.bounded as bounded_mod  # noqa: E402
+import id3_callback.bounded_costs as bounded_costs  # noqa: E402
 import id3_callback.selection as selection_mod  # noqa: E402
 from id3_callback import ID3Config, ID3Engine, SparseAdamW, save_delta  # noqa: E402
 
-DENSE_TOKENS = bounded_mod.DENSE_TOKENS  # the cost model's own threshold
+# Fixed GEMM-rows thresholds of the variants that force one branch on every layer; None: measured (the default)
+FIXED_TOKENS = {"id3_bounded_bound": 0, "id3_bounded_bound_torch": 0, "id3_bounded_rows": 10**9}
 
 
 def now() -> float:
@@ -72,13 +74,15 @@ class Variant:
         self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
         # `..._torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
         self.native = "0" if name.endswith("_torch") else "1"
-        # `id3_bounded_bound[_torch]`: every layer by the bound (no GEMM rows, whatever its live tokens)
-        self.dense_tokens = 0 if name.startswith("id3_bounded_bound") else DENSE_TOKENS
+        # `id3_bounded`: each layer's branch measured in its first steps (bounded_costs); `id3_bounded_bound`:
+        # every layer by the bound; `id3_bounded_rows`: every layer by GEMM rows (the old fixed rule's choice
+        # on these models: at most 1,024 live tokens)
+        self.fixed_tokens = FIXED_TOKENS.get(name)
 
     def activate(self) -> None:
         """This variant's settings of the bounded path, which it reads per call: variants interleave in one process."""
         os.environ["ID3_NATIVE"] = self.native  # read at each kernel call
-        bounded_mod.DENSE_TOKENS = self.dense_tokens  # read at each layer's backward
+        bounded_costs.FIXED_TOKENS = self.fixed_tokens  # read at each layer's backward
 
     def step(self, batch: dict) -> dict[str, float]:
         self.activate()
@@ -147,6 +151,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             "id3_bounded_keep",
             "id3_bounded_bound",
             "id3_bounded_bound_torch",
+            "id3_bounded_rows",
         ):
             # Row-sparse embedding gradients as ID3Trainer sets them by default; `id3_dense_grads` without.
             # `id3_bounded`: no dense weight gradient for the Linear layers (ID3Config.weight_grads), with
@@ -389,6 +394,11 @@ def run(args) -> dict:
             row["unmasked_at_end"] = len(v.engine.unmasked)
             row["budget"] = v.engine.budget
             row["optimizer_state_bytes"] = v.optimizer.state_bytes()
+            if v.engine.bounded is not None:
+                costs = v.engine.branch_costs
+                row["branches"] = costs.summary()
+                row["rows_below"] = dict(costs.rows_below)
+                row["gemm_rows_share"] = v.engine.bounded.last_step.get("dense")
         out["variants"][v.name] = row
     if ab["sparse"]:
         out["row_sparse_ab"] = {
@@ -496,7 +506,13 @@ def main(argv=None) -> dict:
         "--total-steps", type=int, default=1000, help="schedule length T (u_t = B/T per step)"
     )
     parser.add_argument("--steps", type=int, default=30, help="measured steps per variant")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=6,
+        help="untimed steps per variant: at least 5, so that `id3_bounded`'s probe steps (one without a "
+        "threshold guess, then 4 measuring its branches, bounded_costs.py) are behind it",
+    )
     parser.add_argument("--breakdown-steps", type=int, default=8)
     parser.add_argument(
         "--ab-steps", type=int, default=20, help="steps of each mode in the row-sparse gradient A/B (0: skip)"

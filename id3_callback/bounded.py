@@ -8,10 +8,11 @@ usual and, instead of dW:
 - tokens whose output-gradient row is all zero (padding; every position but the pooled one in a classifier's
   last layer) add exact zeros to every product and are dropped first (`live_tokens`: 86% of MiniLM's on
   SST-2 16 x 64);
-- the cost model, per layer: with at most `DENSE_TOKENS` live tokens, dW is computed a GEMM row block at a
-  time and scored like a dense gradient (every entry verified; O(chunk) memory, no dW-sized tensor). At
-  145 or 512 tokens a GEMM entry costs less than the bound's passes on CPU (measured, MiniLM and SmolLM2);
-- otherwise the bound. Over G contiguous token groups, |dW_ij| <= Σ_g ‖g_g,i‖·‖h_g,j‖ (Cauchy–Schwarz per
+- per layer and step, one of two branches, chosen by their costs measured on this machine
+  (`bounded_costs.py`). GEMM rows: dW is computed a GEMM row block at a time and scored like a dense
+  gradient (every entry verified; O(chunk) memory, no dW-sized tensor). Its cost grows with the live
+  tokens, so it wins on few of them;
+- or the bound. Over G contiguous token groups, |dW_ij| <= Σ_g ‖g_g,i‖·‖h_g,j‖ (Cauchy–Schwarz per
   group), so bound_ij / (|θ_ij| + ε)^exp bounds the D3 score. O((in + out)·T) for the norms, O(in·out·G)
   for the bound, computed one row block at a time into a reused buffer; exact scores for the masked
   entries whose bound reaches a threshold τ: gathered dot products over T (`sampled_products`, one call per
@@ -63,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +75,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from . import native, selection
+from .bounded_costs import BranchCosts
 from .masks import UnmaskedSet
 from .scores import d3_scores
 from .selection import INELIGIBLE, StreamingTopK, TensorScorer, at_least
@@ -106,13 +109,6 @@ PAIR_FACTOR = 4
 # Tokens are dropped from a layer's products when at least this fraction contribute exactly nothing (padding,
 # and every position but the pooled one in the last layer of a classifier: 86% of MiniLM's on SST-2 16 x 64).
 DEAD_FRACTION = 1 / 16
-# A layer with at most this many live tokens is scored whole from GEMM rows over them (no bound): the cost model.
-# Per entry, GEMM rows cost ~0.013 ns per token plus ~2 ns of scoring, the bound ~3 ns of passes plus the
-# candidates' gathered products (~1 us each, 0.3-2% of entries mid-run): measured on MiniLM, 1 thread. With the
-# native kernels (scoring ~0.3 ns, bound ~1.3 ns per entry) GEMM rows still win on MiniLM 16 x 64 (~220 live
-# tokens): step 0.944x full FT against 0.956x for the bound with 16 groups and 0.98-1.02x with 1 group or a
-# lower margin (the survivors' gathered products and the re-scoring of uncertified steps dominate there).
-DENSE_TOKENS = 1024
 # The native block scorer hands over at most this many (or k) candidates; a block with more is scored by the
 # torch code (early in a step, while the running k-th value is still low).
 NATIVE_CAP = 1 << 14
@@ -454,6 +450,7 @@ class _Pass:
     masked: int = 0
     dense_entries: int = 0  # entries of the layers scored whole by GEMM rows (few live tokens)
     recomputed: bool = False
+    probe: str | None = None  # a probe step of the branch costs: the branch every layer takes
 
 
 class BoundedGrads:
@@ -474,8 +471,10 @@ class BoundedGrads:
         make_scorer: Callable[[], TensorScorer],
         entries_wanted: Callable[[], int],
         tied=None,
+        costs: BranchCosts | None = None,
     ) -> None:
         self.layers = dict(layers)
+        self.costs = BranchCosts() if costs is None else costs  # GEMM rows or the bound, per layer
         self.tied = tied
         self.unmasked, self.offsets, self.sorted_unmasked = unmasked, offsets, sorted_unmasked
         self.make_scorer = make_scorer  # a D3 TensorScorer with keep_grads (the scan's, with its buffer)
@@ -544,7 +543,8 @@ class BoundedGrads:
             k = self.entries_wanted()
             tau = 0.0 if self.last_cut is None else MARGIN * self.last_cut
             scorer = self.make_scorer()
-            self.current = _Pass(k, tau, StreamingTopK(max(k, 0)), scorer)
+            probe = self.costs.probe_branch() if k > 0 and tau > TINY else None
+            self.current = _Pass(k, tau, StreamingTopK(max(k, 0)), scorer, probe=probe)
             for name in self.layers:
                 self.unmasked.grad_stash.pop(name, None)
         return self.current
@@ -568,16 +568,21 @@ class BoundedGrads:
             return
         running = bp.top.values[-1].item() if bp.top.full else INELIGIBLE  # stale-low until merged: safe
         tau, norms = max(bp.tau_guess, running), None
-        if a.shape[0] <= DENSE_TOKENS:
-            tau = 0.0  # few live tokens: GEMM rows over them cost less than the bound's passes
-            bp.dense_entries += weight.numel()
+        started = time.perf_counter()
+        if self.costs.branch(name, a.shape[0], bp.probe) == "rows":
+            tau = 0.0  # GEMM rows over the live tokens: every entry verified
         else:
             norms = (group_norms(a, GROUPS), group_norms(b, GROUPS))
             if not math.isfinite(norms[0].sum().item() + norms[1].sum().item()):
                 tau = 0.0  # non-finite gradients: every entry scored (they turn ineligible, as on the dense path)
+        if tau <= TINY:
+            bp.dense_entries += weight.numel()
         verified, kept = bounded_weight_grad(
             a, b, weight, idx, excluded, tau, bp.top, bp.scorer, self.offsets[name], norms
         )
+        if bp.probe is not None:
+            branch = "rows" if tau <= TINY else "bound"
+            self.costs.record(name, branch, a.shape[0], time.perf_counter() - started)
         self.unmasked.grad_stash[name] = kept.to(weight.dtype)
         bp.verified += verified
         bp.masked += weight.numel() - excluded.numel()
@@ -607,6 +612,7 @@ class BoundedGrads:
         tau = cut if cut > TINY else 0.0
         with _threads(THREADS):
             for kept in redo:  # only entries with bound in [cut, kept.tau) are new (`previous_tau`)
+                started = time.perf_counter()
                 verified, _ = bounded_weight_grad(
                     kept.a,
                     kept.b,
@@ -620,6 +626,8 @@ class BoundedGrads:
                     previous_tau=kept.tau,
                 )
                 bp.verified += verified
+                if bp.probe is not None:
+                    self.costs.add_rescoring(kept.name, time.perf_counter() - started)
 
     def grads_for(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """Gradient values of entries `local` of `name` selected this step (all among the pass's top-k)."""
@@ -643,6 +651,7 @@ class BoundedGrads:
         if cut is not None and math.isfinite(cut):
             self.last_cut = cut
         if bp.k > 0 and bp.seen:
+            self.costs.end_step(bp.probe)
             self.steps += 1
             self.uncertified_steps += int(bp.recomputed)
             fraction = bp.verified / max(bp.masked, 1)

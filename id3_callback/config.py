@@ -139,6 +139,15 @@ class ID3Config:
             "'dense' elsewhere, the reason in the plan's summary and no warning."
         },
     )
+    bounded_gemm_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "weight_grads='bounded': a layer with at most this many live tokens in a step is scored from "
+            "GEMM rows over them, one with more by the bound (both exact; they differ in cost). None (default): "
+            "each layer's choice is measured on this machine over the first 4 scoring steps, then fixed and "
+            "saved with the state. Set it to make runs bitwise reproducible across machines."
+        },
+    )
     consistency_check_steps: int = field(
         default=100,
         metadata={
@@ -189,6 +198,15 @@ class ID3Config:
         if self.weight_grads not in ("auto", "dense", "bounded"):
             raise ValueError(
                 f"weight_grads must be 'auto', 'dense' or 'bounded' (got {self.weight_grads!r})."
+            )
+        if self.bounded_gemm_tokens is not None and (
+            isinstance(self.bounded_gemm_tokens, bool)
+            or not isinstance(self.bounded_gemm_tokens, int)
+            or self.bounded_gemm_tokens < 0
+        ):
+            raise ValueError(
+                f"bounded_gemm_tokens must be None (measured) or an integer >= 0 (got "
+                f"{self.bounded_gemm_tokens!r}): 0 scores every layer by the bound."
             )
         if self.fisher_samples < 1:
             raise ValueError(f"fisher_samples must be >= 1 (got {self.fisher_samples}).")

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import state as state_io
 from .bounded import BoundedGrads
+from .bounded_costs import BranchCosts
 from .bounded_tied import TiedOutputRows
 from .config import ID3Config
 from .distributed import is_distributed
@@ -110,6 +111,8 @@ class ID3Engine:
         self.low_memory_mode: LowMemoryMode | None = None
         self.bounded: BoundedGrads | None = None
         self._bounded_cut: float | None = None  # last step's cut, kept across remove_hooks / load
+        # weight_grads='bounded': each layer's branch (GEMM rows or the bound), measured in the first steps
+        self.branch_costs = BranchCosts(self.config.bounded_gemm_tokens)
 
     # ------------------------------------------------------------------------------------------ the plan
     @property
@@ -193,6 +196,7 @@ class ID3Engine:
                 lambda: self.scan.scorer(score_fn, keep_grads=True),
                 lambda: self.schedule.target(self.steps_done + 1) - len(self.unmasked),
                 tied,
+                self.branch_costs,
             )
             self.bounded.last_cut = self._bounded_cut
             self.scan.bounded = self.bounded
@@ -258,7 +262,7 @@ class ID3Engine:
                 f"  tied tables scored in blocks as backward computes them: {', '.join(self.streamed_tables)}"
             )
         if self.bounded is not None:
-            lines.extend(self.plan.bounded_lines())
+            lines.extend(self.plan.bounded_lines(self.branch_costs.summary()))
         if self.recompute_active:
             lines.append(
                 "  pointwise recomputation: products and activations of kept tensors are redone in backward"
@@ -501,6 +505,8 @@ class ID3Engine:
             "method": self.method.state_dict(),
             # weight_grads='bounded': last step's cut sets the next threshold, so a resumed run is bitwise
             "bounded_cut": self.bounded.last_cut if self.bounded is not None else self._bounded_cut,
+            # ... and so do the branch choices measured in its first steps
+            "bounded_costs": self.branch_costs.state_dict(),
         }
 
     def load_state_dict(
@@ -524,6 +530,7 @@ class ID3Engine:
         self.method.load_state_dict(state["method"])
         self.resumed_total_steps = state.get("fingerprint", {}).get("total_steps")
         self._bounded_cut = state.get("bounded_cut")
+        self.branch_costs.load_state_dict(state.get("bounded_costs"))
         if self.bounded is not None:
             self.bounded.last_cut = self._bounded_cut
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import native, selection
-from .bounded import DENSE_TOKENS, GROUPS, bounded_layers
+from .bounded import GROUPS, bounded_layers
 from .bounded_tied import tied_output_heads
 from .config import ID3Config
 from .sparse_grads import row_sparse_candidates, tied_output_candidates
@@ -110,15 +110,16 @@ class Plan:
             lines.append(f"  bounded weight gradients off for: {'; '.join(self.bounded_skipped)}")
         return lines
 
-    def bounded_lines(self) -> list[str]:
-        """Summary lines naming the layers the bounded path runs, and how the tied ones are completed."""
+    def bounded_lines(self, branches: str) -> list[str]:
+        """Summary lines naming the layers the bounded path runs, how each layer's branch is chosen
+        (`branches`: `BranchCosts.summary()`), and how the tied ones are completed."""
         if not self.bounded_layers:
             return []
         entries = sum(module.weight.numel() for module, _ in self.bounded_layers.values())
         lines = [
             f"  bounded weight gradients (no dense dW): {len(self.bounded_layers)} layers, {entries:,} entries; "
-            f"per layer and step, at most {DENSE_TOKENS} live tokens: scored whole from GEMM rows over them, "
-            f"more: the bound over {GROUPS} token groups and exact products where it reaches the cut; "
+            f"per layer and step, GEMM rows over the live tokens (every entry scored) or the bound over "
+            f"{GROUPS} token groups and exact products where it reaches the cut; {branches}; "
             f"{self.bounded_kernels}"
         ]
         for name, embeddings in self.bounded_tied.items():

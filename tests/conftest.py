@@ -64,6 +64,16 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _fixed_branch_costs(monkeypatch):
+    """weight_grads='bounded' measures each layer's branch (GEMM rows or the bound) in a run's first steps, so
+    two runs can choose differently (both exact, equal up to rounding). Tests compare runs bitwise: here
+    every engine uses the fixed threshold instead. The tests of the measurement set it back to None."""
+    from id3_callback import bounded_costs
+
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", bounded_costs.UNMEASURED_TOKENS)
+
+
+@pytest.fixture(autouse=True)
 def _restore_accelerate_env():
     # transformers 4.x's TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ and reads it
     # back as its default: after one bf16 test, every later Trainer (and each DDP worker) would run in bf16.

@@ -28,7 +28,16 @@ from helpers import (
 )
 from torch import nn
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW, apply_delta, d3_scores, save_delta, selection
+from id3_callback import (
+    ID3Config,
+    ID3Engine,
+    SparseAdamW,
+    apply_delta,
+    bounded_costs,
+    d3_scores,
+    save_delta,
+    selection,
+)
 from id3_callback import bounded as bounded_mod
 from id3_callback.bounded import (
     bounded_weight_grad,
@@ -50,7 +59,7 @@ def small_layers(monkeypatch):
     """Tiny test models: every selectable Linear takes the bounded path, and the bound (not the few-tokens
     GEMM rows) scores it."""
     monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
-    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 0)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", 0)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -282,7 +291,7 @@ def test_padded_batches_drop_dead_tokens_and_still_select_the_dense_top_k(monkey
 def test_layers_with_few_live_tokens_are_scored_whole_by_gemm_rows(monkeypatch):
     """The cost model's other branch: every entry verified from GEMM rows, so no step is ever uncertified,
     even with a threshold guess far above the cut."""
-    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 10**6)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", 10**6)
     monkeypatch.setattr(bounded_mod, "MARGIN", 1e6)
     model = tiny_bert().eval()
     engine = _engine(model)

@@ -21,8 +21,7 @@ from helpers import (
 )
 from torch import nn
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW, native, selection
-from id3_callback import bounded as bounded_mod
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, bounded_costs, native, selection
 from id3_callback.plan import TrainingSettings, auto_blockers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +36,7 @@ needs_native = pytest.mark.skipif(
 def small_layers(monkeypatch):
     """Every selectable Linear of the tiny models is large enough for the bounded path."""
     monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
-    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 0)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", 0)
 
 
 def _engine(model, settings=TRAINER, **config):
@@ -55,7 +54,9 @@ def test_auto_under_the_trainer_takes_the_bounded_path():
     engine = _engine(tiny_bert())
     assert engine.plan.bounded_layers and not engine.plan.bounded_blockers
     assert engine.plan.recompute  # on with the bounded path, as for 'bounded'
-    assert "bounded weight gradients (no dense dW)" in "\n".join(engine.plan.bounded_lines())
+    assert "bounded weight gradients (no dense dW)" in "\n".join(
+        engine.plan.bounded_lines(engine.branch_costs.summary())
+    )
 
 
 @needs_native

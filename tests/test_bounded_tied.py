@@ -18,7 +18,7 @@ from helpers import brute_force_topk, dense_reference, same_up_to_rounding, tiny
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW, selection
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, bounded_costs, selection
 from id3_callback import bounded as bounded_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,7 @@ class TableSizedTensors(TorchDispatchMode):
 def test_tied_table_selects_the_dense_top_k_with_both_gradients_and_never_builds_its_gradient(
     model_key, dense_tokens, monkeypatch
 ):
-    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", dense_tokens)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", dense_tokens)
     make, table_name, head_of = MODELS[model_key]
     model = make().eval()
     engine = _engine(model, budget=2000, steps=4)  # k = 500: rows outside the batch's tokens get chosen too
@@ -153,7 +153,7 @@ def test_tied_table_selects_the_dense_top_k_with_both_gradients_and_never_builds
 def test_forced_uncertified_steps_rescore_the_tied_output_layer_without_its_token_rows(
     model_key, monkeypatch
 ):
-    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", 0)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", 0)
     monkeypatch.setattr(bounded_mod, "MARGIN", 1e6)  # every threshold guess far above the cut
     make, table_name, _ = MODELS[model_key]
     model = make().eval()
@@ -182,45 +182,50 @@ def test_forced_uncertified_steps_rescore_the_tied_output_layer_without_its_toke
     assert engine.bounded.uncertified_steps == 3  # every step after the first (which verifies everything)
 
 
-def _train(model_key, mode, steps=6, resume_at=None):
-    """A plain loop of `steps` optimizer steps; with `resume_at`, the engine, optimizer and model are saved
-    after that step and training continues in fresh objects loaded from them."""
+def _train(model_key, mode, steps=7, snapshot_at=None, resume=None):
+    """A plain loop of `steps` optimizer steps. With `snapshot_at`, also returns copies of the model, engine
+    and optimizer states taken before that step; with `resume` (such a snapshot), training starts from it in
+    fresh objects, at its step. A resumed run continues the run the snapshot came from: the branch costs
+    measured in that run's first steps are part of its engine state."""
     make = MODELS[model_key][0]
     model = make().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = ID3Engine(model, ID3Config(budget=300, weight_grads=mode))
+    first = 0
+    if resume is not None:
+        first, (model_state, engine_state, opt_state) = resume
+        model.load_state_dict(model_state)
+        engine.load_state_dict(engine_state)
     engine.start(steps)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
+    if resume is not None:
+        opt.load_state_dict(opt_state)
+    snapshot = None
     for step, batch in enumerate(_batches(steps=steps)):
-        if step == resume_at:
-            saved = copy.deepcopy((model.state_dict(), engine.state_dict(), opt.state_dict()))
-            model = make().eval()
-            model.load_state_dict(saved[0])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                engine = ID3Engine(model, ID3Config(budget=300, weight_grads=mode))
-            engine.load_state_dict(saved[1])
-            engine.start(steps)
-            opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
-            opt.load_state_dict(saved[2])
+        if step < first:
+            continue
+        if step == snapshot_at:
+            snapshot = (step, copy.deepcopy((model.state_dict(), engine.state_dict(), opt.state_dict())))
         model(**batch).loss.backward()
         engine.step()
         opt.step()
         opt.zero_grad()
-    return model, engine
+    return (model, engine) if snapshot_at is None else (model, engine, snapshot)
 
 
 @pytest.mark.parametrize("model_key", list(MODELS))
 def test_tied_training_matches_the_dense_path_and_resumes_bitwise(model_key):
     dense_model, dense = _train(model_key, "dense")
-    model, engine = _train(model_key, "bounded")
+    model, engine, snapshot = _train(model_key, "bounded", snapshot_at=5)
     assert MODELS[model_key][1] in engine.bounded.layers and dense.bounded is None
     for name in dense.unmasked.params:
         assert torch.equal(dense.unmasked.sorted_indices(name)[0], engine.unmasked.sorted_indices(name)[0])
     for a, b in zip(dense_model.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    resumed_model, resumed = _train(model_key, "bounded", resume_at=3)
+    # from after the branch costs' probe steps (1-4): the state carries the choices measured in them
+    resumed_model, resumed = _train(model_key, "bounded", resume=snapshot)
+    assert resumed.branch_costs.rows_below == engine.branch_costs.rows_below
     assert resumed.unmasked.fingerprint() == engine.unmasked.fingerprint()
     for (n, a), b in zip(model.named_parameters(), resumed_model.parameters()):
         assert torch.equal(a, b), n

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import same_up_to_rounding, tiny_bert, token_batches
 
-from id3_callback import ID3Config, ID3Engine, SparseAdamW, d3_scores, native, selection
+from id3_callback import ID3Config, ID3Engine, SparseAdamW, bounded_costs, d3_scores, native, selection
 from id3_callback import bounded as bounded_mod
 from id3_callback.bounded import bounded_weight_grad, live_tokens, push_block
 from id3_callback.selection import StreamingTopK, TensorScorer
@@ -340,7 +340,7 @@ def test_training_with_native_kernels_is_the_torch_run(dense_tokens, monkeypatch
     """GEMM rows: bitwise. The bound: its dot products sum in another order, so the same unmasked set and
     weights equal up to rounding (4 steps of training)."""
     monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
-    monkeypatch.setattr(bounded_mod, "DENSE_TOKENS", dense_tokens)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", dense_tokens)
     calls = {}
     (set_a, weights_a), (set_b, weights_b) = both(monkeypatch, _train, calls)
     assert calls["live_rows"] > 0 and calls["score_block" if dense_tokens else "bound_hits"] > 0
@@ -411,6 +411,7 @@ def _summary_of_a_bounded_engine() -> str:
 @pytest.mark.parametrize("how", ["native", "disabled", "no compiler"])
 def test_the_plan_says_how_the_bounded_layers_are_scored(how, monkeypatch, tmp_path):
     monkeypatch.setattr(selection, "BOUNDED_MIN_ENTRIES", 0)
+    monkeypatch.setattr(bounded_costs, "FIXED_TOKENS", None)  # the default: measured
     monkeypatch.setenv("ID3_NATIVE", "0" if how == "disabled" else "1")
     if how == "native" and native.library() is None:
         pytest.skip("no C compiler here")
@@ -423,7 +424,7 @@ def test_the_plan_says_how_the_bounded_layers_are_scored(how, monkeypatch, tmp_p
     text = _summary_of_a_bounded_engine()
     line = next(line for line in text.splitlines() if "bounded weight gradients (no dense dW)" in line)
     assert (
-        f"at most {bounded_mod.DENSE_TOKENS} live tokens" in line
+        "by their times on this machine over the first 4 scoring steps" in line
         and f"{bounded_mod.GROUPS} token groups" in line
     )
     expected = {
