@@ -59,6 +59,7 @@ from id3_callback import ID3Config, ID3Engine, SparseAdamW, save_delta  # noqa: 
 
 # Fixed GEMM-rows thresholds of the variants that force one branch on every layer; None: measured (the default)
 FIXED_TOKENS = {"id3_bounded_bound": 0, "id3_bounded_bound_torch": 0, "id3_bounded_rows": 10**9}
+DEFAULT_MARGIN = [bounded_mod.MARGIN]  # the margin of variants without `@margin` (--margin sets it)
 
 
 def now() -> float:
@@ -72,17 +73,21 @@ class Variant:
 
     def __init__(self, name: str, model, optimizer, engine: ID3Engine | None = None) -> None:
         self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
+        # `<variant>@0.5`: the bounded path with bounded.MARGIN 0.5 (τ_guess = 0.5 x last cut) for this variant
+        base, _, margin = name.partition("@")
+        self.margin = float(margin) if margin else None
         # `..._torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
-        self.native = "0" if name.endswith("_torch") else "1"
+        self.native = "0" if base.endswith("_torch") else "1"
         # `id3_bounded`: each layer's branch measured in its first steps (bounded_costs); `id3_bounded_bound`:
         # every layer by the bound; `id3_bounded_rows`: every layer by GEMM rows (the old fixed rule's choice
         # on these models: at most 1,024 live tokens)
-        self.fixed_tokens = FIXED_TOKENS.get(name)
+        self.fixed_tokens = FIXED_TOKENS.get(base)
 
     def activate(self) -> None:
         """This variant's settings of the bounded path, which it reads per call: variants interleave in one process."""
         os.environ["ID3_NATIVE"] = self.native  # read at each kernel call
         bounded_costs.FIXED_TOKENS = self.fixed_tokens  # read at each layer's backward
+        bounded_mod.MARGIN = DEFAULT_MARGIN[0] if self.margin is None else self.margin  # read at each step
 
     def step(self, batch: dict) -> dict[str, float]:
         self.activate()
@@ -136,12 +141,13 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
     start_at = args.total_steps // 2
     std_engine = None
     device = torch.device(args.device)
-    for name in names:
+    for full_name in names:
+        name = full_name.partition("@")[0]
         model = make_model(args).to(device)
         model.train()
         if name in ("full", "full_copy"):
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-            variants.append(Variant(name, model, opt))
+            variants.append(Variant(full_name, model, opt))
         elif name in (
             "id3",
             "id3_low_memory",
@@ -177,7 +183,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             engine.unmasked.load_state_dict(std_engine.unmasked.state_dict())
             engine.steps_done = start_at
             opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=args.lr)
-            variants.append(Variant(name, model, opt, engine))
+            variants.append(Variant(full_name, model, opt, engine))
         elif name == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -193,7 +199,7 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
             opt = torch.optim.AdamW(
                 [p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True
             )
-            variants.append(Variant(name, model, opt))
+            variants.append(Variant(full_name, model, opt))
         elif name in ("floor", "floor_rest"):
             # No weight gradient at all, only dX through every layer (the embeddings' output requires grad):
             # the least backward any method spends that trains weights inside every layer. LoRA is this
@@ -212,13 +218,13 @@ def build_variants(args, warm_batch: dict) -> list[Variant]:
                 p.requires_grad_(id(p) in trained)
             model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
             opt = torch.optim.AdamW(rest, lr=args.lr, fused=True) if rest else NoOptimizer()
-            variants.append(Variant(name, model, opt))
+            variants.append(Variant(full_name, model, opt))
         elif name == "official":
             if not official_available():
                 print("official ID3 not importable: skipped (see the module docstring)", file=sys.stderr)
                 continue
             opt = make_official_id3(model, budget=budget, total_steps=args.total_steps, lr=args.lr)
-            variants.append(Variant(name, model, opt))
+            variants.append(Variant(full_name, model, opt))
         else:
             raise SystemExit(f"unknown variant {name!r}")
     return variants
@@ -395,10 +401,15 @@ def run(args) -> dict:
             row["budget"] = v.engine.budget
             row["optimizer_state_bytes"] = v.optimizer.state_bytes()
             if v.engine.bounded is not None:
+                v.activate()  # its own fixed threshold (or none), which the summary reads
                 costs = v.engine.branch_costs
                 row["branches"] = costs.summary()
                 row["rows_below"] = dict(costs.rows_below)
                 row["gemm_rows_share"] = v.engine.bounded.last_step.get("dense")
+                # over every step it ran (warm-up and probes included): re-scored steps, entries verified
+                row["uncertified_steps"] = v.engine.bounded.uncertified_steps
+                row["bounded_steps"] = v.engine.bounded.steps
+                row["survivors_mean"] = v.engine.bounded.survivors / max(v.engine.bounded.steps, 1)
         out["variants"][v.name] = row
     if ab["sparse"]:
         out["row_sparse_ab"] = {
@@ -527,7 +538,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(benchutil.RESULTS / "step.json"))
     args = parser.parse_args(argv)
     if args.margin is not None:
-        bounded_mod.MARGIN = args.margin
+        bounded_mod.MARGIN = DEFAULT_MARGIN[0] = args.margin
     result = run(args)
     return benchutil.save_result(result, args.out, markdown)
 

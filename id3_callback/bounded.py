@@ -51,8 +51,10 @@ the step counts as uncertified. Ties follow the package's rule (lower global ind
 What "exact" means here: the selection is the exact top-k of the scores this path computes, each an fp32
 evaluation of Σ_t g_ti·h_tj. A gathered dot product sums in another order than the GEMM, so a score can differ
 from the dense path's in the last bits (relative 1e-6 typically), and the chosen set can differ from the dense
-path's only where two scores tie within that rounding. Given the same state (including last step's cut, saved
-in the engine state) the path is deterministic, so resumed runs are bitwise the uninterrupted ones.
+path's only where two scores tie within that rounding. Given the same state (last step's cut and each layer's
+branch choice, both saved in the engine state) the path is deterministic, so a run resumed after the branch
+costs' probe steps is bitwise the uninterrupted one. Two fresh runs measure their own branch costs, so they
+can differ by such ties unless `ID3Config(bounded_gemm_tokens=N)` fixes the branches.
 
 Example (the engine installs it at `start` when the plan says so):
     >>> engine = ID3Engine(model, ID3Config(budget=1000, weight_grads="bounded"))  # doctest: +SKIP
