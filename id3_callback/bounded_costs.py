@@ -15,7 +15,8 @@ on the machine that runs it:
   bound's barely does (its norms, and the dot products of its few candidates).
 - **Fixed from then on.** The choices are saved with the engine state (`state_dict`). A run resumed from
   any later checkpoint makes the same choices, so it is bitwise the uninterrupted run. A run resumed
-  inside the probe steps measures the rest again; it is still exact, but its choices can differ.
+  inside the probe steps measures the rest again; it is still exact, but its choices can differ. A run
+  resumed on another machine keeps the choices measured on the first one (exact too, maybe slower).
   `ID3Config(bounded_gemm_tokens=N)` fixes one threshold for every layer instead. Nothing is measured
   then, and runs are bitwise reproducible across machines.
 
