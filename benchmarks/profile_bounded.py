@@ -65,7 +65,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     parser.add_argument("--variants", default="full,floor,floor_rest,id3_bounded,id3_bounded_keep,lora")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=6, help="untimed steps: past the branch probes (bounded_costs)")
+    parser.add_argument(
+        "--warmup", type=int, default=6, help="untimed steps: past the branch probes (bounded_costs)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(benchutil.RESULTS, "profile_bounded.json"))
     args = parser.parse_args(argv)
