@@ -9,7 +9,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_added_top_k, dense_reference, tiny_bert, token_batches
+from helpers import (
+    assert_added_top_k,
+    dense_reference,
+    tiny_bert,
+    token_batches,
+    token_data,
+    training_args,
+)
 
 from id3_callback import ID3Config, ID3Engine, SparseAdamW, bounded_costs, selection
 from id3_callback.bounded_costs import PROBES, UNMEASURED_TOKENS, BranchCosts
@@ -167,3 +174,49 @@ def test_a_configured_threshold_is_honoured_and_nothing_is_measured():
     assert all(share < 1.0 for share in shares[1:])
     assert engine.branch_costs.probes_done == 0 and engine.branch_costs.rows_below == {}
     assert "at most 0 live tokens" in engine.summary()
+
+
+# ------------------------------------------------------------------------------------------ through the Trainer
+def _trainer_run(tmp_path, out, resume=None):
+    from transformers import TrainerCallback
+
+    from id3_callback import ID3Callback, ID3Trainer
+    from id3_callback.logging import MaskHeatmapCallback
+
+    class SaveAtStep6(TrainerCallback):  # after step 1 (no guess) and the four probe steps
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = state.global_step == 6
+
+    model = tiny_bert()
+    args = training_args(
+        tmp_path,
+        output_dir=str(tmp_path / out),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        max_grad_norm=1.0,
+        save_strategy="no",
+    )
+    trainer = ID3Trainer(
+        model=model,
+        args=args,
+        train_dataset=token_data(n=32, seq=8, kind="cls"),
+        callbacks=[ID3Callback(ID3Config(budget=80, weight_grads="bounded")), SaveAtStep6()],
+    )
+    trainer.remove_callback(MaskHeatmapCallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer, model
+
+
+def test_trainer_checkpoint_carries_the_measured_choices_and_resumes_bitwise(tmp_path):
+    trainer, model = _trainer_run(tmp_path, "out")
+    costs = trainer.engine.branch_costs
+    assert costs.probes_done == 2 * PROBES and set(costs.rows_below) == set(
+        trainer.engine.plan.bounded_layers
+    )
+    resumed, model2 = _trainer_run(tmp_path, "resumed", resume=str(tmp_path / "out" / "checkpoint-6"))
+    assert resumed.engine.branch_costs.rows_below == costs.rows_below
+    assert resumed.engine.unmasked.fingerprint() == trainer.engine.unmasked.fingerprint()
+    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), name
