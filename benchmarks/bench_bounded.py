@@ -118,8 +118,8 @@ def markdown(result: dict) -> str:
         f"# Bounded weight gradients: survivors and certification ({s['model']}, {s['data']})",
         "",
         f"batch {s['batch']} x {s['seq']}, schedule T = {s['total_steps']}, {s['steps']} steps trained, "
-        f"{s['threads']} threads{' (partial: cut short)' if result.get('partial') else ''}, GEMM rows up to {s.get('dense_tokens', 'measured')} live tokens "
-        "(0: the bound scores every layer; None: each layer's branch measured in the first steps). Survivors: fraction of the bounded layers' masked entries whose exact "
+        f"{s['threads']} threads{' (partial: cut short)' if result.get('partial') else ''}, GEMM rows up to {'a measured number of' if s.get('dense_tokens') is None else s['dense_tokens']} "
+        "live tokens (0: the bound scores every layer; measured: each layer's own, from its first steps). Survivors: fraction of the bounded layers' masked entries whose exact "
         "score was computed (a GEMM row block counts whole); step 1 (no previous cut) excluded.",
         "",
     ]

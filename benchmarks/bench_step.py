@@ -59,7 +59,6 @@ from id3_callback import ID3Config, ID3Engine, SparseAdamW, save_delta  # noqa: 
 
 # Fixed GEMM-rows thresholds of the variants that force one branch on every layer; None: measured (the default)
 FIXED_TOKENS = {"id3_bounded_bound": 0, "id3_bounded_bound_torch": 0, "id3_bounded_rows": 10**9}
-DEFAULT_MARGIN = [bounded_mod.MARGIN]  # the margin of variants without `@margin` (--margin sets it)
 
 
 def now() -> float:
@@ -73,9 +72,10 @@ class Variant:
 
     def __init__(self, name: str, model, optimizer, engine: ID3Engine | None = None) -> None:
         self.name, self.model, self.optimizer, self.engine = name, model, optimizer, engine
-        # `<variant>@0.5`: the bounded path with bounded.MARGIN 0.5 (τ_guess = 0.5 x last cut) for this variant
+        # `<variant>@0.5`: the bounded path with bounded.MARGIN 0.5 (τ_guess = 0.5 x last cut) for this variant;
+        # otherwise the margin in force when the variants are built (--margin's, or the default)
         base, _, margin = name.partition("@")
-        self.margin = float(margin) if margin else None
+        self.margin = float(margin) if margin else bounded_mod.MARGIN
         # `..._torch`: the bounded path's torch code instead of its native kernels (id3_callback.native)
         self.native = "0" if base.endswith("_torch") else "1"
         # `id3_bounded`: each layer's branch measured in its first steps (bounded_costs); `id3_bounded_bound`:
@@ -87,7 +87,7 @@ class Variant:
         """This variant's settings of the bounded path, which it reads per call: variants interleave in one process."""
         os.environ["ID3_NATIVE"] = self.native  # read at each kernel call
         bounded_costs.FIXED_TOKENS = self.fixed_tokens  # read at each layer's backward
-        bounded_mod.MARGIN = DEFAULT_MARGIN[0] if self.margin is None else self.margin  # read at each step
+        bounded_mod.MARGIN = self.margin  # read at each step
 
     def step(self, batch: dict) -> dict[str, float]:
         self.activate()
@@ -538,7 +538,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(benchutil.RESULTS / "step.json"))
     args = parser.parse_args(argv)
     if args.margin is not None:
-        bounded_mod.MARGIN = DEFAULT_MARGIN[0] = args.margin
+        bounded_mod.MARGIN = args.margin
     result = run(args)
     return benchutil.save_result(result, args.out, markdown)
 

@@ -86,10 +86,13 @@ def test_state_round_trip_inside_the_probe_steps_continues_the_schedule():
 
 
 # ------------------------------------------------------------------------------------------ in the engine
-def _engine(model, **config):
+def _engine(model, state=None, **config):
+    """A started bounded engine for 8 steps; with `state`, loaded from it first (a resumed run)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = ID3Engine(model, ID3Config(budget=400, weight_grads="bounded", **config))
+    if state is not None:
+        engine.load_state_dict(state)
     engine.start(8)
     return engine
 
@@ -111,19 +114,25 @@ def _train(engine, model, batches, opt, check=None):
         opt.zero_grad()
 
 
+def _gemm_rows_shares(engine, model, opt, steps):
+    """Train `steps` steps, each checked against the dense path; each step's share of entries by GEMM rows."""
+    shares = []
+    _train(
+        engine,
+        model,
+        token_batches("cls", steps=steps),
+        opt,
+        lambda e: shares.append(e.bounded.last_step["dense"]),
+    )
+    return shares
+
+
 def test_probe_steps_and_measured_choices_select_the_dense_top_k_and_resume_bitwise():
     model = tiny_bert().eval()
     engine = _engine(model)
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
     assert "by their times on this machine over the first 4 scoring steps" in engine.summary()
-    shares = []
-    _train(
-        engine,
-        model,
-        token_batches("cls", steps=5),
-        opt,
-        lambda e: shares.append(e.bounded.last_step["dense"]),
-    )
+    shares = _gemm_rows_shares(engine, model, opt, steps=5)
     # step 0 has no threshold guess (every entry from GEMM rows); then bound, rows, bound, rows
     assert shares[0] == 1.0 and shares[2] == shares[4] == 1.0 and shares[1] < 1.0 and shares[3] < 1.0
     costs = engine.branch_costs
@@ -145,11 +154,7 @@ def test_probe_steps_and_measured_choices_select_the_dense_top_k_and_resume_bitw
 
     resumed_model = tiny_bert().eval()
     resumed_model.load_state_dict(saved[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        resumed = ID3Engine(resumed_model, ID3Config(budget=400, weight_grads="bounded"))
-    resumed.load_state_dict(saved[1])
-    resumed.start(8)
+    resumed = _engine(resumed_model, state=saved[1])
     assert resumed.branch_costs.rows_below == costs.rows_below and not resumed.branch_costs.measuring
     resumed_opt = SparseAdamW(resumed.parameters(), resumed.unmasked, lr=1e-2)
     resumed_opt.load_state_dict(saved[2])
@@ -163,14 +168,7 @@ def test_a_configured_threshold_is_honoured_and_nothing_is_measured():
     model = tiny_bert().eval()
     engine = _engine(model, bounded_gemm_tokens=0)  # every layer by the bound, from the first guess on
     opt = SparseAdamW(engine.parameters(), engine.unmasked, lr=1e-2)
-    shares = []
-    _train(
-        engine,
-        model,
-        token_batches("cls", steps=4),
-        opt,
-        lambda e: shares.append(e.bounded.last_step["dense"]),
-    )
+    shares = _gemm_rows_shares(engine, model, opt, steps=4)
     assert all(share < 1.0 for share in shares[1:])
     assert engine.branch_costs.probes_done == 0 and engine.branch_costs.rows_below == {}
     assert "at most 0 live tokens" in engine.summary()
