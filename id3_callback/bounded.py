@@ -106,8 +106,15 @@ BOX_FACTOR = 32
 # With the native dot products (~25 ns per pair at T = 512, 1 thread, against ~5.6 ns for a GEMM's entry).
 BOX_FACTOR_NATIVE = 4
 # Native gathered products: pairs read in place while fewer than this many per column they read (of a and b
-# together); else the columns are copied first. Measured crossover at T = 512, 1 thread: ~4.4 (AVX-512).
+# together); else the columns are copied first. In place, each pair-token is a gather from a row of a and of
+# b: cheap while a and b sit in cache (crossover ~4.4 at T = 512 on an Intel Xeon, ~5 at 64 x (384 + 384) on
+# an AMD EPYC), ~5 ns a pair-token once they do not (512 x (576 + 1536), SmolLM2's MLP: crossover ~0.55 on the
+# EPYC, so only pairs that nearly all have a row and a column of their own). `benchmarks/bench_products.py`.
 PAIR_FACTOR = 4
+PAIR_FACTOR_LARGE = 0.55
+PAIR_CACHE_BYTES = 1 << 18  # a and b together (T x (R + C) floats) above this: PAIR_FACTOR_LARGE
+# `index_set` counts (O(n + size)) instead of sorting from this many indices on (crossover ~500 here).
+INDEX_SET_MIN = 512
 # Tokens are dropped from a layer's products when at least this fraction contribute exactly nothing (padding,
 # and every position but the pooled one in the last layer of a classifier: 86% of MiniLM's on SST-2 16 x 64).
 DEAD_FRACTION = 1 / 16
@@ -182,10 +189,10 @@ def unmasked_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> t
         return a.new_empty(0)
     factor = BOX_FACTOR_NATIVE if _native_dots(a, b) else BOX_FACTOR
     cols = b.shape[1]
-    rows, row_at = torch.unique(flat // cols, return_inverse=True)
+    rows, row_at = index_set(flat // cols, a.shape[1])
     if rows.numel() * cols <= factor * n:
         return a.index_select(1, rows).t().mm(b)[row_at, flat % cols]
-    columns, column_at = torch.unique(flat % cols, return_inverse=True)
+    columns, column_at = index_set(flat % cols, cols)
     if rows.numel() * columns.numel() <= factor * n:
         return a.index_select(1, rows).t().mm(b.index_select(1, columns))[row_at, column_at]
     return gathered_products(a, b, flat)
@@ -217,9 +224,11 @@ def sampled_products(
     if n == 0:
         return a.new_empty(0)
     if _native_dots(a, b):
-        used_rows, row_at = torch.unique_consecutive(rows, return_inverse=True)
-        used_cols, col_at = torch.unique(cols, return_inverse=True)
-        if n < PAIR_FACTOR * (used_rows.numel() + used_cols.numel()) and a.stride(1) == b.stride(1) == 1:
+        used_rows, row_at = index_set(rows, a.shape[1])
+        used_cols, col_at = index_set(cols, b.shape[1])
+        large = 4 * a.shape[0] * (a.shape[1] + b.shape[1]) > PAIR_CACHE_BYTES
+        factor = PAIR_FACTOR_LARGE if large else PAIR_FACTOR
+        if n < factor * (used_rows.numel() + used_cols.numel()) and a.stride(1) == b.stride(1) == 1:
             return native.pair_dots(a, b, rows, cols)  # cheaper than copying the columns they read
         a_used = a.index_select(1, used_rows).t().contiguous()  # the columns of a that pairs read, as rows
         b_used = b.index_select(1, used_cols).t().contiguous()
@@ -234,6 +243,25 @@ def sampled_products(
             crow, cols, a_t.new_zeros(n), (height, b.shape[1]), check_invariants=False
         )
         return torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
+
+
+def index_set(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.unique(x, return_inverse=True)` for indices in [0, size): the native kernel counts instead of
+    sorting (the same two tensors). torch.unique sorts, ~48 ns an index at 16K indices here, against ~2 for
+    the count; below `INDEX_SET_MIN` indices its lower fixed cost wins (`benchmarks/bench_products.py`).
+
+    Example:
+        >>> [t.tolist() for t in index_set(torch.tensor([5, 1, 5, 3]), 8)]
+        [[1, 3, 5], [2, 0, 2, 1]]
+    """
+    if (
+        x.numel() >= INDEX_SET_MIN
+        and native.library() is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.long
+    ):
+        return native.index_set(x, size)
+    return torch.unique(x, return_inverse=True)
 
 
 def _native_dots(a: torch.Tensor, b: torch.Tensor) -> bool:

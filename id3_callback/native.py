@@ -52,6 +52,7 @@ _SIGNATURES = {
     "id3_gathered_dots": (None, [_P, _P, _I64, _P, _P, _I64, _P]),
     "id3_group_square_sums": (None, [_P, _I64, _I64, _I64, _I64, _P]),
     "id3_pair_dots": (None, [_P, _I64, _P, _I64, _I64, _P, _P, _I64, _P]),
+    "id3_index_set": (_I64, [_P, _I64, _I64, _P, _P, _P]),
 }
 
 
@@ -247,3 +248,16 @@ def group_square_sums(a: torch.Tensor, groups: int) -> torch.Tensor:
     out = torch.empty(groups, n, dtype=torch.float32)
     library().id3_group_square_sums(a.data_ptr(), a.stride(0), tokens, n, groups, out.data_ptr())
     return out
+
+
+def index_set(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.unique(x, return_inverse=True)` for int64 indices in [0, size), without a sort: (the distinct
+    values ascending, each index's position among them). The caller guarantees the range."""
+    x = x.contiguous()
+    n = x.numel()
+    buffer = torch.empty(
+        max(size, 1) + 2 * n, dtype=torch.long
+    )  # slot scratch, values, inverse: one allocation
+    base = buffer.data_ptr()
+    count = library().id3_index_set(x.data_ptr(), n, size, base + 16 * n, base, base + 8 * n)
+    return buffer[:count], buffer[n : 2 * n].view(x.shape)

@@ -254,3 +254,19 @@ void id3_pair_dots(const float *a, int64_t a_stride, const float *b, int64_t b_s
         }
     }
 }
+
+/* torch.unique(x, return_inverse=True) for n indices in [0, size): the distinct values ascending into `values`
+   and each index's position among them into `inverse`; returns their number. O(n + size) with `slot` (size
+   entries) as scratch, against a sort for torch.unique (~45 ns an index here, 2K-index calls). */
+int64_t id3_index_set(const int64_t *x, int64_t n, int64_t size, int64_t *slot, int64_t *values, int64_t *inverse) {
+    memset(slot, 0, (size_t)size * sizeof(int64_t));
+    for (int64_t p = 0; p < n; p++) slot[x[p]] = 1;
+    int64_t count = 0;
+    for (int64_t v = 0; v < size; v++)
+        if (slot[v]) {
+            slot[v] = count;
+            values[count++] = v;
+        }
+    for (int64_t p = 0; p < n; p++) inverse[p] = slot[x[p]];
+    return count;
+}

@@ -233,15 +233,56 @@ def test_pair_dots_are_gathered_dots_bitwise(tokens):
     assert _equal(in_place[order], copied)
 
 
+@pytest.mark.parametrize(
+    "x, size",
+    [
+        ([], 4),
+        ([0], 1),
+        ([3, 3, 3], 4),
+        ([5, 1, 5, 3, 0, 7], 8),
+        (list(range(9, -1, -1)), 10),
+        ("random", 49152),
+    ],
+)
+def test_index_set_is_torch_unique(x, size, monkeypatch):
+    """Counting instead of sorting: the same distinct values and inverse as torch.unique, native or not."""
+    x = torch.randint(0, size, (5000,), generator=torch.Generator().manual_seed(0)) if x == "random" else x
+    x = torch.tensor(x, dtype=torch.long)
+    monkeypatch.setattr(bounded_mod, "INDEX_SET_MIN", 0)  # the kernel for the small ones too
+    want = torch.unique(x, return_inverse=True)
+    for got in both(monkeypatch, lambda: bounded_mod.index_set(x, size)):
+        assert _equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "tokens, pairs, kernel", [(512, 10, "pair_dots"), (512, 2000, "gathered_dots"), (16, 1000, "pair_dots")]
+)
+def test_sampled_products_pick_the_kernel_by_operand_size(tokens, pairs, kernel, monkeypatch):
+    """Pairs are read in place while a and b fit in cache, or while they are few; else the columns are copied.
+    (512 x (300 + 200) floats: past PAIR_CACHE_BYTES; 16 x 500: within it.)"""
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(tokens, 300, generator=gen), torch.randn(tokens, 200, generator=gen)
+    flat = torch.randperm(300 * 200, generator=gen)[:pairs].sort().values
+    calls: dict = {}
+    for name in ("pair_dots", "gathered_dots"):
+        monkeypatch.setattr(native, name, _counted(calls, name, getattr(native, name)))
+    got = bounded_mod.sampled_products(a, b, flat // 200, flat % 200)
+    assert list(calls) == [kernel]
+    assert torch.allclose(got, (a.t() @ b).view(-1)[flat], atol=1e-4)
+
+
 @pytest.mark.parametrize("pair_factor", [0, 10**9])  # copies + dot products / pairs read in place
 def test_sampled_products_do_not_depend_on_the_other_pairs(pair_factor, monkeypatch):
     monkeypatch.setattr(bounded_mod, "PAIR_FACTOR", pair_factor)
+    monkeypatch.setattr(bounded_mod, "PAIR_FACTOR_LARGE", pair_factor)
     gen = torch.Generator().manual_seed(1)
     a, b = torch.randn(70, 24, generator=gen), torch.randn(70, 20, generator=gen)
     every = torch.arange(480)
     all_values = bounded_mod.gathered_products(a, b, every)
     some = torch.tensor([417, 3, 250, 67])
     monkeypatch.setattr(bounded_mod, "PAIR_FACTOR", 10**9 - pair_factor)  # the other kernel for the few
+    monkeypatch.setattr(bounded_mod, "PAIR_FACTOR_LARGE", 10**9 - pair_factor)
     assert _equal(bounded_mod.gathered_products(a, b, some), all_values[some])
 
 
