@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,13 +32,6 @@ import torch
 SOURCE = Path(__file__).with_name("native_kernels.c")
 # No -ffast-math and no contraction into FMAs: each operation must round like torch's (bitwise scores).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
-
-# The two largest passes (the bound test and the group norms) run in two halves on two threads from this many
-# entries on, when torch has two threads: ctypes releases the GIL, and one join per call (not a barrier per
-# small op, see docs/performance.md "A busy CPU") costs ~30 µs. Halves of disjoint rows or columns: the
-# results are the one-thread call's, bitwise. SPLIT_MIN = 0 disables the split.
-SPLIT_MIN = 1 << 18
-_pool: list = []  # [ThreadPoolExecutor] once a split has run
 
 _loaded: list = []  # [library or None] once a load was attempted: one attempt (and one warning) per process
 _why_not: list = []  # why the load failed, for `status`
@@ -211,22 +203,11 @@ def bound_hits(
     are skipped without reading them."""
     cols = weight.shape[1]
     pos = torch.empty((r1 - r0) * cols, dtype=torch.long)
-
-    def rows(lo: int, hi: int) -> int:  # hits of rows [lo, hi), local to lo, written from pos[(lo - r0)·cols]
-        return library().id3_bound_hits(
-            an.data_ptr(), an.stride(0), bn.data_ptr(), bn.shape[0], cols, weight.data_ptr(), lo, hi, int(exp),
-            low, level, pos.data_ptr() + (lo - r0) * cols * 8,
-        )  # fmt: skip
-
-    mid = _split_point(r0, r1, cols)
-    if mid is None:
-        found = rows(r0, r1)
-        return None if found < 0 else pos[:found].clone()
-    first, second = _both(rows, (r0, mid), (mid, r1))
-    if first < 0 or second < 0:
-        return None
-    offset = (mid - r0) * cols
-    return torch.cat([pos[:first], pos[offset : offset + second].add_(offset)])
+    found = library().id3_bound_hits(
+        an.data_ptr(), an.stride(0), bn.data_ptr(), bn.shape[0], cols, weight.data_ptr(), r0, r1, int(exp),
+        low, level, pos.data_ptr(),
+    )  # fmt: skip
+    return None if found < 0 else pos[:found].clone()
 
 
 def gathered_dots(
@@ -264,37 +245,9 @@ def group_square_sums(a: torch.Tensor, groups: int) -> torch.Tensor:
     """(groups x n) sums of squares of the columns of `a` (T x n, rows contiguous) over contiguous token
     groups, in one pass (`bounded.group_norms` without the squared copy and the GEMM)."""
     tokens, n = a.shape
-
-    def columns(lo: int, hi: int) -> torch.Tensor:
-        out = torch.empty(groups, hi - lo, dtype=torch.float32)
-        library().id3_group_square_sums(
-            a.data_ptr() + lo * 4, a.stride(0), tokens, hi - lo, groups, out.data_ptr()
-        )
-        return out
-
-    mid = _split_point(0, n, tokens)
-    if mid is None:
-        return columns(0, n)
-    return torch.cat(_both(columns, (0, mid), (mid, n)), dim=1)
-
-
-def _split_point(lo: int, hi: int, width: int) -> int | None:
-    """Where [lo, hi) (units of `width` entries each) is cut in two for two threads, or None: one thread."""
-    if SPLIT_MIN <= 0 or (hi - lo) * width < SPLIT_MIN or hi - lo < 2 or torch.get_num_threads() < 2:
-        return None
-    return (lo + hi) // 2
-
-
-def _both(run, first: tuple, second: tuple) -> tuple:
-    """run(*second) on the helper thread while run(*first) runs here; both results, in that order."""
-    if not _pool:
-        _pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="id3-native"))
-    pending = _pool[0].submit(run, *second)
-    try:
-        here = run(*first)
-    finally:
-        there = pending.result()  # the helper writes into buffers this call owns: wait for it, always
-    return here, there
+    out = torch.empty(groups, n, dtype=torch.float32)
+    library().id3_group_square_sums(a.data_ptr(), a.stride(0), tokens, n, groups, out.data_ptr())
+    return out
 
 
 def index_set(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -326,43 +326,6 @@ def test_bound_hits_prefilter_keeps_every_hit(exp, scale, groups):
 
 
 @needs_native
-@pytest.mark.parametrize("exp", [0, 1])
-def test_two_thread_halves_are_the_one_thread_call_bitwise(exp, monkeypatch):
-    """bound_hits split by rows and group_square_sums split by columns (odd sizes, a partial strip, a half
-    with no hits) return exactly the one-thread call's tensors."""
-    gen = torch.Generator().manual_seed(3 + exp)
-    rows, cols, groups = 61, 77, 16
-    an, bn = torch.rand(groups, rows, generator=gen) ** 4, torch.rand(groups, cols, generator=gen) ** 4
-    an[:, 31:] *= 1e-3  # the second half of the rows holds (almost) no hits
-    w = torch.randn(rows, cols, generator=gen) * 0.05
-    a = torch.randn(37, 301, generator=gen)
-    values = _bound_values(an, bn, w, exp, 0.5)
-    finite = torch.sort(values[torch.isfinite(values)]).values
-    threads = torch.get_num_threads()
-
-    def run(split_min):
-        monkeypatch.setattr(native, "SPLIT_MIN", split_min)
-        torch.set_num_threads(2)
-        try:
-            hits = [
-                native.bound_hits(an, bn, w, r0, r1, exp, 0.5 if exp else level, level)
-                for level in (-1.0, float(finite[finite.numel() // 2]), float(finite[-1]), float("inf"))
-                for r0, r1 in [(0, rows), (20, 45), (40, 42)]
-            ]
-            return hits, native.group_square_sums(a, 5), native.group_square_sums(a[:, 1:4], 2)
-        finally:
-            torch.set_num_threads(threads)
-
-    calls = {}
-    monkeypatch.setattr(native, "_both", _counted(calls, "_both", native._both))
-    (one_hits, *one_sums), (two_hits, *two_sums) = run(0), run(1)
-    assert calls["_both"] == 12 + 2  # every call of run(1) split, none of run(0)
-    assert all(torch.equal(x, y) for x, y in zip(one_hits, two_hits))
-    assert all(torch.equal(x, y) for x, y in zip(one_sums, two_sums))
-    assert one_hits[0].numel() == rows * cols and two_hits[-1].numel() == 0  # everything, nothing
-
-
-@needs_native
 @pytest.mark.parametrize("tokens,groups", [(37, 16), (16, 16), (5, 1), (64, 3)])
 def test_native_group_norms_bound_the_exact_norms(tokens, groups, monkeypatch):
     gen = torch.Generator().manual_seed(tokens)
