@@ -42,8 +42,12 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    tokenizer = benchutil.minilm_tokenizer()
-    batches = benchutil.sst2_batches(tokenizer, args.warmup + args.steps + 1, args.batch, args.seq)
+    args.device = "cpu"  # bench_step's setting; these A/Bs are CPU timings
+    count = args.warmup + args.steps + 1
+    if args.model == "minilm":
+        batches = benchutil.sst2_batches(benchutil.minilm_tokenizer(), count, args.batch, args.seq)
+    else:
+        batches = benchutil.xsum_batches(benchutil.smollm()[1], count, args.batch, args.seq)
     variants = bench_step.build_variants(args, batches[0])
     import id3_callback
 
@@ -86,7 +90,18 @@ class Child:
         path = os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")]))  # e.g. the official ID3's
         env = dict(os.environ, PYTHONPATH=path, ID3_SHARED=str(benchutil.SHARED))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--tree", tree]
-        for key in ("variants", "threads", "batch", "seq", "budget", "steps", "warmup", "total_steps", "lr"):
+        for key in (
+            "model",
+            "variants",
+            "threads",
+            "batch",
+            "seq",
+            "budget",
+            "steps",
+            "warmup",
+            "total_steps",
+            "lr",
+        ):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         self.label = label
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -137,8 +152,9 @@ def summarize(steps: dict[str, list[dict]], names: list[str]) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["setting"]
+    data = "SmolLM2-135M, XSum" if s.get("model") == "smollm2" else "MiniLM, SST-2"
     lines = [
-        f"Step time A/B, `bench_step.py` variants on MiniLM {s['batch']} x {s['seq']} SST-2, {s['threads']} threads: "
+        f"Step time A/B, `bench_step.py` variants on {data} {s['batch']} x {s['seq']}, {s['threads']} threads: "
         f"base = commit {s['base']}, head = {s['head']}; {s['steps']} measured steps per tree, interleaved "
         f"(A/B/B/A), one child process per tree ({result['machine']['date']}, load {result['machine']['load_1min']:.2f}).",
         "",
@@ -186,6 +202,7 @@ def parent(args) -> dict:
         "setting": {
             "base": args.base,
             "head": head_label,
+            "model": args.model,
             "variants": names,
             "threads": args.threads,
             "batch": args.batch,
@@ -207,6 +224,7 @@ def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="d3e0612", help="commit (or ref) to compare against")
     parser.add_argument("--head", default=None, help="commit to compare (default: this checkout, as it is)")
+    parser.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     parser.add_argument("--variants", default="full,id3,id3_low_memory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
