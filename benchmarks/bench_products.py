@@ -5,8 +5,9 @@ pairs read (`index_select(1, ...).t().contiguous()`) and runs `native.gathered_d
 wins depends on whether a and b stay in cache, so each shape is timed with the caches flushed first (a 64 MiB
 write: in a training step a and b were written long before). `bounded.sampled_products` picks between them by
 pairs per used column (`PAIR_FACTOR`, `PAIR_FACTOR_LARGE` past `PAIR_CACHE_BYTES`); the table shows where that
-choice falls. It also times `native.index_set` (counting, which `bounded.index_set` uses from `INDEX_SET_MIN` indices on) against `torch.unique(return_inverse=True)`
-(sorting), which the products call for their rows and columns. Both ways give bitwise the same values (checked).
+choice falls. It also times `native.index_set` (counting; `bounded.index_set` uses it from `INDEX_SET_MIN`
+indices on) against `torch.unique(return_inverse=True)` (sorting), which the products call for their rows and
+columns. Both ways give bitwise the same values (checked).
 
 Example:
     python benchmarks/bench_products.py      # writes benchmarks/results/products.json and .md
