@@ -78,8 +78,7 @@ def run(args) -> dict:
     for tokens, height, width in SHAPES:
         gen = torch.Generator().manual_seed(tokens + height + width)
         a, b = torch.randn(tokens, height, generator=gen), torch.randn(tokens, width, generator=gen)
-        large = 4 * tokens * (height + width) > bounded.PAIR_CACHE_BYTES
-        factor = bounded.PAIR_FACTOR_LARGE if large else bounded.PAIR_FACTOR
+        factor = bounded.pair_factor(a, b)  # the library's rule, so the table shows its choice
         for n in PAIRS:
             flat = torch.randperm(height * width, generator=gen)[:n].sort().values
             rows, cols = flat // width, flat % width

@@ -216,8 +216,9 @@ def sampled_products(
 
     Native kernels, one fixed order of summing (the same values from either, so a value never depends on
     the other pairs): few pairs are read token by token from `a` and `b` as stored (~0.3 ns per pair and
-    token, 1 thread, AVX-512 gathers); many, as dot products over contiguous copies of just the columns they
-    read (~25 ns per pair at T = 512, plus ~1.4 ns per copied element). Torch code:
+    token while the two sit in cache, ~5 ns once they do not; 1 thread, AVX-512 gathers); many, as dot
+    products over contiguous copies of just the columns they read (~25 ns per pair at T = 512, plus ~1.4 ns
+    per copied element; `pair_factor` draws the line). Torch code:
     `torch.sparse.sampled_addmm` over aᵀ (~40 ns per pair, ~400 for a call of 1,000 pairs). The native and
     torch values sum in different orders, so they can differ in the last bits."""
     n = rows.numel()
@@ -226,9 +227,10 @@ def sampled_products(
     if _native_dots(a, b):
         used_rows, row_at = index_set(rows, a.shape[1])
         used_cols, col_at = index_set(cols, b.shape[1])
-        large = 4 * a.shape[0] * (a.shape[1] + b.shape[1]) > PAIR_CACHE_BYTES
-        factor = PAIR_FACTOR_LARGE if large else PAIR_FACTOR
-        if n < factor * (used_rows.numel() + used_cols.numel()) and a.stride(1) == b.stride(1) == 1:
+        if (
+            n < pair_factor(a, b) * (used_rows.numel() + used_cols.numel())
+            and a.stride(1) == b.stride(1) == 1
+        ):
             return native.pair_dots(a, b, rows, cols)  # cheaper than copying the columns they read
         a_used = a.index_select(1, used_rows).t().contiguous()  # the columns of a that pairs read, as rows
         b_used = b.index_select(1, used_cols).t().contiguous()
@@ -243,6 +245,13 @@ def sampled_products(
             crow, cols, a_t.new_zeros(n), (height, b.shape[1]), check_invariants=False
         )
         return torch.sparse.sampled_addmm(pattern, a_t, b, beta=0.0).values()
+
+
+def pair_factor(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pairs per used column (of `a` and `b` together) below which `sampled_products` reads the pairs in
+    place: `PAIR_FACTOR` while the operands fit in `PAIR_CACHE_BYTES`, else `PAIR_FACTOR_LARGE`."""
+    large = a.element_size() * a.shape[0] * (a.shape[1] + b.shape[1]) > PAIR_CACHE_BYTES
+    return PAIR_FACTOR_LARGE if large else PAIR_FACTOR
 
 
 def index_set(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,9 +255,8 @@ def index_set(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     values ascending, each index's position among them). The caller guarantees the range."""
     x = x.contiguous()
     n = x.numel()
-    buffer = torch.empty(
-        max(size, 1) + 2 * n, dtype=torch.long
-    )  # slot scratch, values, inverse: one allocation
+    # One allocation: values (n), inverse (n), then the kernel's scratch slots (size).
+    buffer = torch.empty(max(size, 1) + 2 * n, dtype=torch.long)
     base = buffer.data_ptr()
     count = library().id3_index_set(x.data_ptr(), n, size, base + 16 * n, base, base + 8 * n)
     return buffer[:count], buffer[n : 2 * n].view(x.shape)
