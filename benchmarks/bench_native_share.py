@@ -35,6 +35,7 @@ KERNELS = (
     "live_rows",
     "pair_dots",
     "gathered_dots",
+    "gather_columns",
     "score_block",
     "index_set",
 )

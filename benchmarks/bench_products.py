@@ -1,7 +1,8 @@
 """The bounded path's two ways to the gathered products (aᵀb)[rows, cols], side by side, one thread.
 
 `native.pair_dots` reads each pair token by token from a and b as stored; the other way copies the columns the
-pairs read (`index_select(1, ...).t().contiguous()`) and runs `native.gathered_dots` on the copies. Which one
+pairs read, as rows (`native.gather_columns`, the library's copy; `index_select(1, ...).t().contiguous()`, torch's,
+timed beside it), and runs `native.gathered_dots` on the copies. Which one
 wins depends on whether a and b stay in cache, so each shape is timed with the caches flushed first (a 64 MiB
 write: in a training step a and b were written long before). `bounded.sampled_products` picks between them by
 pairs per used column (`PAIR_FACTOR`, `PAIR_FACTOR_LARGE` past `PAIR_CACHE_BYTES`); the table shows where that
@@ -53,14 +54,14 @@ def timed(fn, inputs: tuple, flush: torch.Tensor, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def copied(a, b, rows, cols):
+def torch_gather(x: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    return x.index_select(1, used).t().contiguous()
+
+
+def copied(a, b, rows, cols, gather=native.gather_columns):
     used_rows, row_at = bounded.index_set(rows, a.shape[1])
     used_cols, col_at = bounded.index_set(cols, b.shape[1])
-    a_used, b_used = (
-        a.index_select(1, used_rows).t().contiguous(),
-        b.index_select(1, used_cols).t().contiguous(),
-    )
-    return native.gathered_dots(a_used, b_used, row_at, col_at)
+    return native.gathered_dots(gather(a, used_rows), gather(b, used_cols), row_at, col_at)
 
 
 def sorted_set(x: torch.Tensor, size: int):
@@ -82,11 +83,14 @@ def run(args) -> dict:
         for n in PAIRS:
             flat = torch.randperm(height * width, generator=gen)[:n].sort().values
             rows, cols = flat // width, flat % width
-            if not torch.equal(native.pair_dots(a, b, rows, cols), copied(a, b, rows, cols)):
-                raise AssertionError("pair_dots and the copies' gathered_dots differ")
+            reference = native.pair_dots(a, b, rows, cols)
+            for gather in (native.gather_columns, torch_gather):
+                if not torch.equal(reference, copied(a, b, rows, cols, gather)):
+                    raise AssertionError("pair_dots and the copies' gathered_dots differ")
             used = rows.unique().numel() + cols.unique().numel()
             in_place = timed(native.pair_dots, (a, b, rows, cols), flush, args.repeats)
             copies = timed(copied, (a, b, rows, cols), flush, args.repeats)
+            torch_copies = timed(copied, (a, b, rows, cols, torch_gather), flush, args.repeats)
             counting = timed(both_sets, (native.index_set, rows, cols, height, width), flush, 5)
             sorting = timed(both_sets, (sorted_set, rows, cols, height, width), flush, 5)
             rows_out.append(
@@ -98,6 +102,7 @@ def run(args) -> dict:
                     "pairs_per_used_column": n / used,
                     "pair_dots_ms": in_place,
                     "copies_ms": copies,
+                    "torch_copies_ms": torch_copies,
                     "faster": "pair_dots" if in_place < copies else "copies",
                     "chosen": "pair_dots" if n < factor * used else "copies",
                     "native_index_set_ms": counting,
@@ -119,14 +124,15 @@ def markdown(result: dict) -> str:
         f"Gathered products, caches cold, one thread ({result['machine']['cpu']}, load "
         f"{result['machine']['load_1min']:.1f}); medians in ms.",
         "",
-        "| T x (R + C) | pairs | pairs / used column | pair_dots | copies + gathered_dots | faster | chosen "
-        "| native index_set | torch.unique |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| T x (R + C) | pairs | pairs / used column | pair_dots | gather_columns + gathered_dots "
+        "| (index_select copies) | faster | chosen | native index_set | torch.unique |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['tokens']} x ({r['rows']} + {r['cols']}) | {r['pairs']} | {r['pairs_per_used_column']:.2f} "
-            f"| {r['pair_dots_ms']:.3f} | {r['copies_ms']:.3f} | {r['faster']} | {r['chosen']} "
+            f"| {r['pair_dots_ms']:.3f} | {r['copies_ms']:.3f} | ({r['torch_copies_ms']:.3f}) | {r['faster']} "
+            f"| {r['chosen']} "
             f"| {r['native_index_set_ms']:.3f} | {r['torch_unique_ms']:.3f} |"
         )
     agree = sum(r["faster"] == r["chosen"] for r in result["rows"])

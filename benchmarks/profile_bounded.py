@@ -38,6 +38,8 @@ TIMED = (
     "push_block",
     "bounded_weight_grad",
     "unmasked_products",
+    "box_products",
+    "gathered_products",
     "group_norms",
     "_block_hits",
     "sampled_products",
@@ -110,7 +112,8 @@ def main(argv=None) -> dict:
 
 def markdown(result: dict) -> str:
     columns = ["step", "fwd_bwd", "BoundedLinear.backward", "on_backward", "live_tokens", "_dense_rows"]
-    columns += ["push_block", "bounded_weight_grad", "unmasked_products", "group_norms", "_block_hits"]
+    columns += ["push_block", "bounded_weight_grad", "unmasked_products", "box_products", "gathered_products"]
+    columns += ["group_norms", "_block_hits"]
     columns += ["sampled_products", "certify", "tied.on_head_backward", "tied.finish"]
     lines = [
         f"Bounded path, where the backward time goes ({result['setting'].get('model', 'minilm')}, medians in ms, load "

@@ -181,12 +181,19 @@ def live_tokens(grad: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
 
 
 def unmasked_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """(aᵀb).view(-1)[flat]: one GEMM over the smallest box holding the entries (their rows x all columns, or
-    their rows x their columns) when it is at most `BOX_FACTOR` (native dot products: `BOX_FACTOR_NATIVE`)
-    times their number, else gathered dot products. The same inputs give the same values."""
-    n = flat.numel()
-    if n == 0:
+    """(aᵀb).view(-1)[flat]: one GEMM over the smallest box holding the entries when it is small enough
+    (`box_products`), else gathered dot products. The same inputs give the same values."""
+    if flat.numel() == 0:
         return a.new_empty(0)
+    boxed = box_products(a, b, flat)
+    return gathered_products(a, b, flat) if boxed is None else boxed
+
+
+def box_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
+    """(aᵀb).view(-1)[flat] by one GEMM over the smallest box holding the entries (their rows x all columns,
+    or their rows x their columns) when it is at most `BOX_FACTOR` (native dot products: `BOX_FACTOR_NATIVE`)
+    times their number; None when the entries are too scattered for that (the caller gathers them)."""
+    n = flat.numel()
     factor = BOX_FACTOR_NATIVE if _native_dots(a, b) else BOX_FACTOR
     cols = b.shape[1]
     rows, row_at = index_set(flat // cols, a.shape[1])
@@ -195,7 +202,7 @@ def unmasked_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> t
     columns, column_at = index_set(flat % cols, cols)
     if rows.numel() * columns.numel() <= factor * n:
         return a.index_select(1, rows).t().mm(b.index_select(1, columns))[row_at, column_at]
-    return gathered_products(a, b, flat)
+    return None
 
 
 def gathered_products(a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -217,8 +224,9 @@ def sampled_products(
     Native kernels, one fixed order of summing (the same values from either, so a value never depends on
     the other pairs): few pairs are read token by token from `a` and `b` as stored (~0.3 ns per pair and
     token while the two sit in cache, ~5 ns once they do not; 1 thread, AVX-512 gathers); many, as dot
-    products over contiguous copies of just the columns they read (~25 ns per pair at T = 512, plus ~1.4 ns
-    per copied element; `pair_factor` draws the line). Torch code:
+    products over contiguous copies of just the columns they read (~25 ns per pair at T = 512, plus the copy:
+    `native.gather_columns`, ~0.5-0.7 ns per copied element in cache, ~5 ns out of it, about half of
+    index_select + transpose; `pair_factor` draws the line). Torch code:
     `torch.sparse.sampled_addmm` over aᵀ (~40 ns per pair, ~400 for a call of 1,000 pairs). The native and
     torch values sum in different orders, so they can differ in the last bits."""
     n = rows.numel()
@@ -232,8 +240,11 @@ def sampled_products(
             and a.stride(1) == b.stride(1) == 1
         ):
             return native.pair_dots(a, b, rows, cols)  # cheaper than copying the columns they read
-        a_used = a.index_select(1, used_rows).t().contiguous()  # the columns of a that pairs read, as rows
-        b_used = b.index_select(1, used_cols).t().contiguous()
+        if a.stride(1) == b.stride(1) == 1:  # the columns that pairs read, as rows: one tiled pass each
+            a_used, b_used = native.gather_columns(a, used_rows), native.gather_columns(b, used_cols)
+        else:
+            a_used = a.index_select(1, used_rows).t().contiguous()
+            b_used = b.index_select(1, used_cols).t().contiguous()
         return native.gathered_dots(a_used, b_used, row_at, col_at)
     a_t = a.t().contiguous()  # sampled_addmm reads aᵀ by rows: 2x faster than through a strided view
     height = a_t.shape[0]
@@ -319,7 +330,9 @@ def bounded_weight_grad(
         verified = _dense_rows(a, b, w, 0, rows, excluded, top, scorer, offset, found)
         at_excluded = torch.cat(found) if found else a.new_empty(0)  # in `excluded`'s order
         return verified, at_excluded[torch.searchsorted(excluded, unmasked)]
-    kept = unmasked_products(a, b, unmasked)
+    # Scattered unmasked entries wait for the candidates: one gathered call for both reads (and, natively,
+    # copies) each used column once, not twice. Each value depends only on its own pair, so nothing changes.
+    kept = box_products(a, b, unmasked) if unmasked.numel() else a.new_empty(0)
     an, bn = (group_norms(a, GROUPS), group_norms(b, GROUPS)) if norms is None else norms
     cut = tau / slack(a.shape[0]) if tau > TINY else 0.0
     prev_cut = None if previous_tau is None else previous_tau / slack(a.shape[0])
@@ -346,8 +359,12 @@ def bounded_weight_grad(
     if cand.numel() and excluded.numel():  # already unmasked: not candidates
         pos = torch.searchsorted(excluded, cand).clamp_(max=excluded.numel() - 1)
         cand = cand[excluded[pos] != cand]
-    if cand.numel():
+    if kept is None:
+        both = gathered_products(a, b, torch.cat([unmasked, cand]))
+        kept, grads = both[: unmasked.numel()], both[unmasked.numel() :]
+    elif cand.numel():
         grads = sampled_products(a, b, cand // cols, cand % cols)
+    if cand.numel():
         scores = d3_scores(grads, w.reshape(-1)[cand], eps, exp)
         top.push_candidates(scores, cand + offset, grads)  # NaN scores (NaN weights) are dropped there
     return verified + cand.numel(), kept

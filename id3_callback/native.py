@@ -50,6 +50,7 @@ _SIGNATURES = {
         [_P, _I64, _P, _I64, _I64, _P, _I64, _I64, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P],
     ),
     "id3_gathered_dots": (None, [_P, _P, _I64, _P, _P, _I64, _P]),
+    "id3_gather_columns": (None, [_P, _I64, _I64, _P, _I64, _P]),
     "id3_group_square_sums": (None, [_P, _I64, _I64, _I64, _I64, _P]),
     "id3_pair_dots": (None, [_P, _I64, _P, _I64, _I64, _P, _P, _I64, _P]),
     "id3_index_set": (_I64, [_P, _I64, _I64, _P, _P, _P]),
@@ -223,6 +224,18 @@ def gathered_dots(
     rows, cols = rows.contiguous(), cols.contiguous()
     library().id3_gathered_dots(
         a_t.data_ptr(), b_t.data_ptr(), tokens, rows.data_ptr(), cols.data_ptr(), n, out.data_ptr()
+    )
+    return out
+
+
+def gather_columns(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`a.index_select(1, idx).t().contiguous()` in one tiled pass, for `a` (T x C) with rows contiguous and
+    int64 indices in [0, C) (the caller's guarantee): the operand copies of `gathered_dots`, bitwise."""
+    idx = idx.contiguous()
+    tokens = a.shape[0]
+    out = torch.empty(idx.numel(), tokens, dtype=torch.float32)
+    library().id3_gather_columns(
+        a.data_ptr(), a.stride(0), tokens, idx.data_ptr(), idx.numel(), out.data_ptr()
     )
     return out
 

@@ -199,6 +199,36 @@ void id3_gathered_dots(const float *a_t, const float *b_t, int64_t tokens, const
     for (int64_t p = 0; p < n; p++) out[p] = dot(a_t + rows[p] * tokens, b_t + cols[p] * tokens, tokens);
 }
 
+/* out (n x T, contiguous) = a[:, idx]ᵀ for a (T x C, row stride a_stride): the columns that gathered dot
+   products read, as contiguous rows (a.index_select(1, idx).t().contiguous() in one pass instead of two).
+   Tokens go 16 at a time: each output row gets a whole 64-byte line per tile, and the 16 input rows are
+   read in idx's order (ascending from the caller), so both sides stream. A copy: the values bitwise. */
+void id3_gather_columns(const float *a, int64_t a_stride, int64_t tokens, const int64_t *idx, int64_t n,
+                        float *out) {
+    enum { TILE = 16 };
+    int64_t t0 = 0;
+#ifdef __AVX512F__
+    if ((int64_t)TILE * a_stride < INT32_MAX) {
+        int32_t step[TILE];
+        for (int t = 0; t < TILE; t++) step[t] = (int32_t)(t * a_stride);
+        __m512i offsets = _mm512_loadu_si512(step);
+        for (; t0 + TILE <= tokens; t0 += TILE) {
+            const float *base = a + t0 * a_stride;
+            for (int64_t p = 0; p < n; p++)
+                _mm512_storeu_ps(out + p * tokens + t0, _mm512_i32gather_ps(offsets, base + idx[p], 4));
+        }
+    }
+#endif
+    for (; t0 < tokens; t0 += TILE) {
+        int64_t t1 = t0 + TILE < tokens ? t0 + TILE : tokens;
+        for (int64_t p = 0; p < n; p++) {
+            const float *col = a + idx[p];
+            float *row = out + p * tokens;
+            for (int64_t t = t0; t < t1; t++) row[t] = col[t * a_stride];
+        }
+    }
+}
+
 /* out[g, j] = Σ_{t in group g} a[t, j]², groups contiguous (token t in group t·groups / tokens, as
    bounded._group_matrix): one pass over a (T x n, row stride a_stride), no squared copy. out is groups x n,
    zeroed here. */

@@ -218,6 +218,24 @@ def test_gathered_dots_are_the_products(tokens):
 
 
 @needs_native
+@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 100, 512])  # below, at and above a tile of 16 tokens
+def test_gather_columns_is_index_select_transposed(tokens):
+    """The tiled copy is `index_select(1, idx).t().contiguous()` exactly, strided rows and NaN/-0 included."""
+    gen = torch.Generator().manual_seed(tokens)
+    wide = torch.randn(tokens, 50, generator=gen)
+    wide[0, 3], wide[-1, 4], wide[tokens // 2, 5] = float("nan"), -0.0, float("-inf")
+    a = wide[:, :37]  # rows contiguous, row stride 50
+    for idx in (
+        torch.tensor([3, 4, 5, 36]),
+        torch.randperm(37, generator=gen),
+        torch.tensor([], dtype=torch.long),
+    ):
+        got = native.gather_columns(a, idx)
+        assert got.is_contiguous() and got.shape == (idx.numel(), tokens)
+        assert _equal(got, a.index_select(1, idx).t().contiguous())
+
+
+@needs_native
 @pytest.mark.parametrize("tokens", [1, 5, 31, 32, 33, 100, 512])  # whole and partial blocks of 32 sums
 def test_pair_dots_are_gathered_dots_bitwise(tokens):
     """The two native kernels keep the same 32 sums in the same order: either may serve any call."""
