@@ -350,6 +350,9 @@ Fixed in `benchmarks/study/v2.py` before the first run (its docstring has the wh
 - **Learning rate** per (task, method, budget): the best held-out mean over seeds 0, 1, 2 (ties: the smaller);
   a best at a grid edge adds the next value of the method's ladder on that side (sparse methods
   {list(v2.SPARSE_LADDER)}, full FT {list(v2.FULL_LADDER)}, LoRA {list(v2.LORA_LADDER)}) until it is interior or the ladder ends.
+  Two amendments, both made on held-out scores alone: a flat grid (every value the same mean, as CoLA's sparse
+  methods at MCC 0) grows on both sides until it is not flat (2026-12-02); the sparse and LoRA ladders each
+  gained a value at the top, 5e-2 and 2e-2, after five grids had their best at the old top (2026-12-06).
   The sparse methods share their starting grid {list(SHARED_LRS)}: the matched-lr table compares them there.
 - Batch 16, linear schedule with 6% warmup, weight decay 0, fp32; the classifier head is trained densely outside
   the budget by every method; budgets are fractions of MiniLM's 22.7M pretrained entries (0.17% = 38,612).

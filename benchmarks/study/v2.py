@@ -20,6 +20,10 @@ The protocol (fixed before any v2 run was made):
   side joins the grid (3 more runs), until the best is interior or the ladder ends. A flat grid (every value
   the same mean, as CoLA's sparse methods at MCC 0) grows on both sides until it is not flat (amended
   2026-12-02 after CoLA's tier 1 had walked such grids down to the ladder's end only; dev played no part).
+  The sparse ladder's top 2e-2 and LoRA's 1e-2 were the held-out best of PaFi (SST-2), random masks (SST-2,
+  MRPC) and ID3 on LoRA (SST-2, MRPC), so those choices had no value above them, which the issue asks for:
+  each ladder gained one value at the top, 5e-2 and 2e-2 (amended 2026-12-06; held-out scores only). The
+  flat rule grows CoLA's flat grids to the new tops too.
 - **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
@@ -80,9 +84,9 @@ TASK_ORDER = ("sst2", "mrpc", "cola", "rte")
 # and two tasks at 3 seeds already give the paired tests n = 6).
 EARLY_PILOTS = ("sst2", "mrpc")
 
-SPARSE_LADDER = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+SPARSE_LADDER = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # 5e-2 since 2026-12-06 (docstring)
 FULL_LADDER = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4)
-LORA_LADDER = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+LORA_LADDER = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)  # 2e-2 since 2026-12-06
 
 
 @dataclass(frozen=True)
