@@ -138,9 +138,13 @@ def test_tiers_run_over_every_task_before_the_next_tier():
     assert {r.task for r in ready[:first_other]} == {"sst2", "mrpc"}
     assert all(r.method in tier1 for r in ready[:first_other])
     assert len(ready[:first_other]) == 2 * (4 * 9 - 1)  # the pilot is the 36th full-FT run
-    assert {r.method for r in ready[first_other:]} == {
-        m for t in v2.TIERS[1:] for m in (c.method for c in t)
-    } - {"id3-front"}  # the ablation waits for ID3's lr
+    # The ablation waits for ID3's lr, each 0.06% grid for its method's 0.17% grid (the cut rule).
+    assert {(r.method, r.budget) for r in ready[first_other:]} == {
+        (c.method, c.budget)
+        for t in v2.TIERS[1:]
+        for c in t
+        if c.method != "id3-front" and c.budget != v2.SMALL
+    }
 
 
 def test_the_scheduler_ablation_runs_at_ids3s_chosen_lr_once_it_is_known():
@@ -152,6 +156,29 @@ def test_the_scheduler_ablation_runs_at_ids3s_chosen_lr_once_it_is_known():
     assert state["chosen"][("sst2", "id3", v2.BIG)] == 2e-3
     assert [(r.seed, r.lr) for r in front] == [(0, 2e-3), (1, 2e-3), (2, 2e-3)]
     assert study.ALL_METHODS["id3-front"].scheduler == "front_loaded"
+
+
+def test_a_small_budget_grid_is_cut_where_the_full_budget_grid_is_flat_over_its_ladder():
+    protocol, id3 = v2.protocol_for(300, 64), v2.TIERS[0][1]
+    id3_small = next(c for t in v2.TIERS for c in t if (c.method, c.budget) == ("id3", v2.SMALL))
+    assert v2.full_budget_config(id3_small) == id3 and v2.full_budget_config(id3) is None
+
+    def small_runs(records):
+        state = v2.plan(records, tasks=("cola",))
+        return state, [r for r in state["ready"] if (r.method, r.budget) == ("id3", v2.SMALL)]
+
+    flat = [record(v2.make_run("cola", id3, s, lr, protocol), 0.0) for s in v2.SEEDS for lr in id3.ladder]
+    state, runs = small_runs(decided(("cola",)) + flat)
+    assert state["chosen"][("cola", "id3", v2.BIG)] == id3.ladder[0] and runs == []
+    assert {"task": "cola", "method": "id3", "budget": v2.SMALL} in state["cuts"]
+    # One lr that learned on one seed: not flat, so the 0.06% grid runs (its starting grid x seeds).
+    learned = flat[:-1] + [record(v2.make_run("cola", id3, 2, id3.ladder[-1], protocol), 3.0)]
+    state, runs = small_runs(decided(("cola",)) + learned)
+    assert ("cola", "id3", v2.BIG) in state["chosen"]
+    assert not [c for c in state["cuts"] if c["method"] == "id3"] and len(runs) == 9
+    # The 0.17% grid undecided: the 0.06% grid waits (counted as blocked), it is neither run nor cut.
+    state, runs = small_runs(decided(("cola",)) + flat[:-1])
+    assert runs == [] and state["blocked"] >= 1 and not [c for c in state["cuts"] if c["method"] == "id3"]
 
 
 def test_max_tier_limits_the_plan():

@@ -309,6 +309,23 @@ def remaining_text(records: list[dict], state: dict) -> str:
     )
 
 
+def cuts_text(cuts: list[dict]) -> str:
+    """The grids the planner's cut rule dropped, named (v2.py's docstring gives the rule).
+
+    Example:
+        >>> cuts_text([{"task": "cola", "method": "id3", "budget": 0.0006}])[:42]
+        'Cut by rule (not run): id3 @ 0.06% on cola'
+    """
+    if not cuts:
+        return ""
+    names = ", ".join(f"{label(c['method'], c['budget'])} on {c['task']}" for c in cuts)
+    return (
+        f"Cut by rule (not run): {names}. Each method's 0.17% grid on that task was flat over its whole "
+        "learning-rate ladder (the same held-out mean at every value; on CoLA, MCC 0: one class predicted), so "
+        "its 0.06% grid is not run; the 0.06% comparisons pair the other tasks only."
+    )
+
+
 def write_report(records: list[dict], out: Path, smoke: bool = False) -> str:
     records = v2_records(records)
     state = v2.plan(records, smoke=smoke)
@@ -376,6 +393,7 @@ work. Software: torch {versions.get("torch")}, transformers {versions.get("trans
 
 Runs ready but not made when the study stopped: {len(state["ready"])}; waiting on them: {state["blocked"]}.
 {remaining_text(records, state)}
+{cuts_text(state["cuts"])}
 The GPU device mode (`benchmarks/study/device_v2.sh`) runs the same plan, in the same order, with N workers on
 one GPU; no GPU was lent to this project, so it has not run.
 

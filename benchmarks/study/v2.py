@@ -24,6 +24,12 @@ The protocol (fixed before any v2 run was made):
   MRPC) and ID3 on LoRA (SST-2, MRPC), so those choices had no value above them, which the issue asks for:
   each ladder gained one value at the top, 5e-2 and 2e-2 (amended 2026-12-06; held-out scores only). The
   flat rule grows CoLA's flat grids to the new tops too.
+- **Cut by rule** (amended 2026-12-06, when one 0.06% CoLA run existed, FISH's, at MCC 0): a method whose
+  0.17% grid is flat over its whole ladder on a task (the same held-out mean at every learning rate; on
+  CoLA, MCC 0 on every seed: one class predicted) is not run at 0.06% on that task. A third of the budget cannot be expected
+  to learn what the full budget never did at any learning rate, and on CoLA those grids would cost ~24 runs
+  each (~200 runs, most of the plan's remaining hours); the report lists every such cut. A 0.06% grid
+  waits until its method's 0.17% grid is decided.
 - **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
@@ -210,6 +216,24 @@ def grid_state(task: str, config: Config, protocol: Protocol, book: Book) -> tup
             return [], best
 
 
+def flat_over_ladder(task: str, config: Config, protocol: Protocol, book: Book) -> bool:
+    """True when every value of the config's ladder ran on every seed and all held-out means are equal."""
+    means = set()
+    for lr in config.ladder:
+        scores = [book.score(make_run(task, config, s, lr, protocol)) for s in SEEDS]
+        if any(x is None for x in scores):
+            return False
+        means.add(statistics.fmean(scores))
+    return len(means) == 1
+
+
+def full_budget_config(config: Config) -> Config | None:
+    """The same method at the 0.17% budget, whose grid decides whether a 0.06% grid runs (the cut rule)."""
+    if config.budget != SMALL:
+        return None
+    return next(c for tier in TIERS for c in tier if c.method == config.method and c.budget == BIG)
+
+
 def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smoke: bool = False) -> dict:
     """Everything the workers and the report need: per task its horizon decision, and the runs that can
     start now, in priority order (SST-2's and MRPC's pilots, tier 1, the other pilots, then tier by tier over the tasks)."""
@@ -220,6 +244,7 @@ def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smok
         horizons[task] = {"status": status, "protocol": protocol, "pilots": seen}
         (early if task in EARLY_PILOTS else late).extend(needed)
     chosen: dict[tuple[str, str, float | None], float] = {}
+    cuts: list[dict] = []
     by_tier: list[list[Run]] = []
     for tier in TIERS[:max_tier]:
         runs: list[Run] = []
@@ -238,6 +263,14 @@ def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smok
                     seeds = [make_run(task, config, s, lr, protocol) for s in SEEDS]
                     runs += [r for r in seeds if book.get(r) is None]
                     continue
+                big = full_budget_config(config)
+                if big is not None:
+                    if (task, big.method, big.budget) not in chosen:
+                        blocked += 1  # its fate waits on the 0.17% grid (the cut rule)
+                        continue
+                    if flat_over_ladder(task, big, protocol, book):
+                        cuts.append({"task": task, "method": config.method, "budget": config.budget})
+                        continue
                 missing, lr = grid_state(task, config, protocol, book)
                 runs += missing
                 if lr is not None:
@@ -246,7 +279,7 @@ def plan(records: list[dict], tasks=TASK_ORDER, max_tier: int = len(TIERS), smok
     ready = (
         early + [r for runs in by_tier[:1] for r in runs] + late + [r for runs in by_tier[1:] for r in runs]
     )
-    return {"horizons": horizons, "ready": ready, "chosen": chosen, "blocked": blocked}
+    return {"horizons": horizons, "ready": ready, "chosen": chosen, "blocked": blocked, "cuts": cuts}
 
 
 @functools.cache
