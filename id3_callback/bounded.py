@@ -235,12 +235,10 @@ def sampled_products(
     if _native_dots(a, b):
         used_rows, row_at = index_set(rows, a.shape[1])
         used_cols, col_at = index_set(cols, b.shape[1])
-        if (
-            n < pair_factor(a, b) * (used_rows.numel() + used_cols.numel())
-            and a.stride(1) == b.stride(1) == 1
-        ):
+        rows_contiguous = a.stride(1) == b.stride(1) == 1  # what both native readers need
+        if rows_contiguous and n < pair_factor(a, b) * (used_rows.numel() + used_cols.numel()):
             return native.pair_dots(a, b, rows, cols)  # cheaper than copying the columns they read
-        if a.stride(1) == b.stride(1) == 1:  # the columns that pairs read, as rows: one tiled pass each
+        if rows_contiguous:  # the columns that pairs read, as rows: one tiled pass each
             a_used, b_used = native.gather_columns(a, used_rows), native.gather_columns(b, used_cols)
         else:
             a_used = a.index_select(1, used_rows).t().contiguous()
