@@ -26,10 +26,10 @@ The protocol (fixed before any v2 run was made):
   flat rule grows CoLA's flat grids to the new tops too.
 - **Cut by rule** (amended 2026-12-06, when one 0.06% CoLA run existed, FISH's, at MCC 0): a method whose
   0.17% grid is flat over its whole ladder on a task (the same held-out mean at every learning rate; on
-  CoLA, MCC 0 on every seed: one class predicted) is not run at 0.06% on that task. A third of the budget cannot be expected
-  to learn what the full budget never did at any learning rate, and on CoLA those grids would cost ~24 runs
-  each (~200 runs, most of the plan's remaining hours); the report lists every such cut. A 0.06% grid
-  waits until its method's 0.17% grid is decided.
+  CoLA, MCC 0 on every seed: one class predicted) is not run at 0.06% on that task. About a third of the
+  budget cannot be expected to learn what the whole budget never did at any learning rate, and on CoLA
+  those grids would cost ~24 runs each (~200 runs, most of the plan's remaining hours); the report lists
+  every such cut. A 0.06% grid waits until its method's 0.17% grid is decided.
 - **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
