@@ -331,3 +331,19 @@ def test_remaining_hours_use_the_closest_measured_run_times():
     )
     assert hours == pytest.approx((400 + 250 + 200) / 3600)
     assert medians == {"full": 200.0, "id3": 250.0}
+
+
+def test_remaining_text_counts_pending_pilots_not_dropped_tasks():
+    import report_v2
+
+    done = [{"status": "ok", "method": "id3", "protocol": "p", "runtime_s": 60.0}]
+    ready = [study.Run("v2", "sst2", "id3", 0.0017, 0, 1e-3, 1e-3, 1.0, 0, "p")]
+    horizons = {
+        "sst2": {"status": "chosen"},
+        "rte": {"status": "dropped"},
+        "cola": {"status": "pending"},
+    }
+    text = report_v2.remaining_text(done, {"ready": ready, "horizons": horizons})
+    assert "cola are not counted until their pilots" in text and "rte" not in text
+    horizons["cola"]["status"] = "chosen"
+    assert report_v2.remaining_text(done, {"ready": ready, "horizons": horizons}).endswith("workers).")

@@ -301,7 +301,7 @@ def remaining_text(records: list[dict], state: dict) -> str:
     if not state["ready"]:
         return ""
     per = ", ".join(f"{m} {s / 60:.1f}" for m, s in medians.items())
-    pending = [t for t, h in state["horizons"].items() if h["protocol"] is None]
+    pending = [t for t, h in state["horizons"].items() if h["status"] == "pending"]  # not the dropped
     return (
         f"Measured median minutes per run (one thread, this machine, loaded): {per or 'none yet'}. At these, the "
         f"ready runs need about {hours:.1f} more worker-hours ({hours / 2:.1f} hours of two workers)"
