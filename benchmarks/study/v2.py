@@ -28,8 +28,8 @@ The protocol (fixed before any v2 run was made):
   0.17% grid is flat over its whole ladder on a task (the same held-out mean at every learning rate; on
   CoLA, MCC 0 on every seed: one class predicted) is not run at 0.06% on that task. About a third of the
   budget cannot be expected to learn what the whole budget never did at any learning rate, and on CoLA
-  those grids would cost ~24 runs each (~200 runs, most of the plan's remaining hours); the report lists
-  every such cut. A 0.06% grid waits until its method's 0.17% grid is decided.
+  those grids would cost up to 24 runs each (8 lrs x 3 seeds when flat; ~150-200 runs, about half of the
+  plan's remaining hours); the report lists every such cut. A 0.06% grid waits until its method's 0.17% grid is decided.
 - **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
