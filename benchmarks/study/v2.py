@@ -29,7 +29,8 @@ The protocol (fixed before any v2 run was made):
   CoLA, MCC 0 on every seed: one class predicted) is not run at 0.06% on that task. About a third of the
   budget cannot be expected to learn what the whole budget never did at any learning rate, and on CoLA
   those grids would cost up to 24 runs each (8 lrs x 3 seeds when flat; ~150-200 runs, about half of the
-  plan's remaining hours); the report lists every such cut. A 0.06% grid waits until its method's 0.17% grid is decided.
+  plan's remaining hours); the report lists every such cut. A 0.06% grid waits until its method's 0.17%
+  grid is decided.
 - **Order (the cut).** Runs go in tiers, method by method over every task that has a horizon, so a study cut by time is
   complete up to a tier boundary: (1) full FT, ID3, static-S, FISH at 0.17%; (2) official ID3, LoRA, ID3 on
   LoRA, BitFit, PaFi, random at 0.17%; (3) the scheduler ablation, ID3 with every entry unmasked in the first
@@ -194,10 +195,8 @@ def grid_state(task: str, config: Config, protocol: Protocol, book: Book) -> tup
         missing = [r for r in runs if book.get(r) is None]
         if missing:
             return missing, None
-        means = {}
-        for lr in grid:
-            scores = [book.score(make_run(task, config, s, lr, protocol)) for s in SEEDS]
-            means[lr] = statistics.fmean(scores) if all(x is not None for x in scores) else float("-inf")
+        means = {lr: held_out_mean(task, config, lr, protocol, book) for lr in grid}
+        means = {lr: float("-inf") if m is None else m for lr, m in means.items()}
         if len(grid) > 1 and len(set(means.values())) == 1:
             # A flat grid (CoLA's sparse methods: MCC 0 everywhere) says nothing about a direction; "ties:
             # the smaller" alone would walk it down the ladder only. Grow both sides until it is not flat.
@@ -216,15 +215,16 @@ def grid_state(task: str, config: Config, protocol: Protocol, book: Book) -> tup
             return [], best
 
 
+def held_out_mean(task: str, config: Config, lr: float, protocol: Protocol, book: Book) -> float | None:
+    """The held-out score's mean over the seeds at `lr`; None unless every seed's run finished ok."""
+    scores = [book.score(make_run(task, config, s, lr, protocol)) for s in SEEDS]
+    return None if any(x is None for x in scores) else statistics.fmean(scores)
+
+
 def flat_over_ladder(task: str, config: Config, protocol: Protocol, book: Book) -> bool:
     """True when every value of the config's ladder ran on every seed and all held-out means are equal."""
-    means = set()
-    for lr in config.ladder:
-        scores = [book.score(make_run(task, config, s, lr, protocol)) for s in SEEDS]
-        if any(x is None for x in scores):
-            return False
-        means.add(statistics.fmean(scores))
-    return len(means) == 1
+    means = [held_out_mean(task, config, lr, protocol, book) for lr in config.ladder]
+    return None not in means and len(set(means)) == 1
 
 
 def full_budget_config(config: Config) -> Config | None:
