@@ -273,7 +273,11 @@ def _task(task: str) -> GlueTask:
 
 def _task_folder(task: str, glue_dir: Path) -> Path:
     if not glue_dir.is_dir():
-        raise FileNotFoundError(f"GLUE dir {glue_dir} does not exist; set --glue_dir or GLUE_DIR to it")
+        raise FileNotFoundError(
+            f"GLUE dir {glue_dir} does not exist (resolved from the working directory: {glue_dir.absolute()}); "
+            "set --glue_dir or GLUE_DIR to it (a glue_dir given explicitly, as in a JSON config, wins over "
+            "GLUE_DIR)"
+        )
     wanted = _GLUE_FOLDERS[task]
 
     def key(name: str) -> str:  # tolerate "sst2", "STS-B", "sts_b" spellings

@@ -197,6 +197,10 @@ def test_missing_folder_and_files_explain_the_fix(glue_dir: Path) -> None:
         load_glue("wnli", glue_dir=glue_dir)
     with pytest.raises(FileNotFoundError, match="GLUE_DIR"):
         load_glue("rte", glue_dir=glue_dir / "nowhere")
+    # A relative folder (the demo's ../shared/data/glue) is named as resolved, since it depends on the cwd.
+    relative = Path("nowhere", "glue")
+    with pytest.raises(FileNotFoundError, match="resolved from the working directory: .*nowhere.glue.*wins"):
+        load_glue("rte", glue_dir=relative)
     with pytest.raises(FileNotFoundError, match=r"QNLI/train\.tsv.*splits="):
         load_glue("qnli", glue_dir=glue_dir)
     assert load_glue("qnli", glue_dir=glue_dir, splits=["validation"])["validation"]["label"] == [0]
